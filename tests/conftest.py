@@ -1,0 +1,82 @@
+"""Shared fixtures for the flashdecode test-suite.
+
+Device selection: CPU by default; set ``FLASHDECODE_TEST_DEVICE=cuda`` to run the same tests on a
+GPU. Without a GPU the Triton kernels run in the interpreter (``TRITON_INTERPRET=1``), which must be
+set before triton (and therefore torch) is imported.
+"""
+
+import os
+
+_WANT_CUDA = os.environ.get("FLASHDECODE_TEST_DEVICE", "cpu").lower() == "cuda"
+if not _WANT_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+TEST_DEVICE = "cuda" if _WANT_CUDA else "cpu"
+BACKENDS = ["reference", "triton"]
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def pytest_configure(config):
+    # Markers are declared in pyproject.toml; repeat them so the suite works from any rootdir.
+    config.addinivalue_line("markers", "gpu: needs a CUDA device")
+    config.addinivalue_line("markers", "interpreter: runs Triton kernels in the interpreter on CPU (slow)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if cuda_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    if TEST_DEVICE == "cuda" and not cuda_available():
+        pytest.skip("FLASHDECODE_TEST_DEVICE=cuda but no CUDA device is present")
+    return torch.device(TEST_DEVICE)
+
+
+def set_backend(monkeypatch, name: str) -> None:
+    """Force the op's dispatch (it reads FLASHDECODE_BACKEND at call time)."""
+    monkeypatch.setenv("FLASHDECODE_BACKEND", name)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch) -> str:
+    set_backend(monkeypatch, request.param)
+    return request.param
+
+
+def make_generator(seed: int) -> torch.Generator:
+    """A CPU generator: draws are made on CPU and moved, so they do not depend on the device."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed(seed)
+    return g
+
+
+def randn(g: torch.Generator, *shape, dtype=torch.float32, device="cpu", scale=1.0, shift=0.0) -> torch.Tensor:
+    t = torch.randn(*shape, generator=g, dtype=torch.float32) * scale + shift
+    return t.to(dtype=dtype).to(device)
+
+
+def randint(g: torch.Generator, low: int, high: int, *shape) -> torch.Tensor:
+    """Integers in [low, high) (high exclusive), int64 on CPU."""
+    return torch.randint(low, high, shape, generator=g)
+
+
+def randperm(g: torch.Generator, n: int) -> torch.Tensor:
+    return torch.randperm(n, generator=g)
+
+
+@pytest.fixture
+def rng():
+    """Factory: rng(seed) -> a seeded CPU torch.Generator."""
+    return make_generator

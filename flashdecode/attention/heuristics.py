@@ -1,0 +1,140 @@
+"""Launch heuristics for the Triton attention kernels: tile sizes and the split-KV count.
+
+Pure Python (no torch, no GPU) so that they can be unit-tested anywhere. Every input is a shape or
+a device property, never a tensor value: the launch grid must depend on capacity only, so a decode
+step captured in a CUDA graph stays valid when the caller changes ``cache_seqlens``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Upper bound on the split count: past this the combine kernel and the partial-output traffic
+# cost more than the extra parallelism brings.
+MAX_SPLITS = 128
+# A split should own at least this many key tiles, or its fixed cost (loading the query tile,
+# writing a partial result) dominates.
+MIN_TILES_PER_SPLIT = 2
+# Shared memory we allow one program to use (H100/H200 have 227 KiB per SM; leave room for two
+# programs per SM at decode tile sizes).
+SMEM_BUDGET_BYTES = 160 * 1024
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes of the attention kernel. ``block_m`` rows pack query positions x heads of a group."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """Head dim rounded up to a power of two, at least 16 (the smallest `tl.dot` K)."""
+    if head_dim < 1:
+        raise ValueError(f"head_dim must be positive, got {head_dim}")
+    return max(16, next_pow2(head_dim))
+
+
+def choose_tiles(head_dim: int, elem_bytes: int, rows_per_seq: int) -> TileConfig:
+    """Tile sizes for one (query-row tile, KV head) program.
+
+    ``rows_per_seq`` is ``max_seqlen_q * group`` (query positions times query heads per KV head):
+    the M extent of the packed query tile. Decode (few rows) uses the smallest M that `tl.dot`
+    accepts and a wide key tile, since it is bound by reading K/V; prefill uses large M tiles.
+    """
+    d = padded_head_dim(head_dim)
+    if elem_bytes not in (2, 4):
+        raise ValueError(f"elem_bytes must be 2 or 4, got {elem_bytes}")
+    rows = max(1, rows_per_seq)
+    if rows <= 64:
+        block_m = max(16, next_pow2(rows))
+        num_warps = 4
+        # ~16 KiB per K tile for 16-bit inputs: 128 x 64, 64 x 128, 32 x 256.
+        block_n = max(16, min(128, (128 * 64) // d))
+    else:
+        block_m = 128 if d <= 128 else 64
+        num_warps = 8 if block_m == 128 else 4
+        block_n = 64 if d <= 128 else 32
+    if elem_bytes == 4:
+        # fp32 tiles are twice the bytes and `tl.dot` runs on CUDA cores: keep registers in check.
+        block_m = min(block_m, 64)
+        block_n = max(16, block_n // 2)
+        num_warps = 4
+    num_stages = 4 if d <= 64 else 3 if d <= 128 else 2
+
+    def smem(stages: int, bn: int) -> int:
+        return block_m * d * elem_bytes + stages * 2 * bn * d * elem_bytes
+
+    while num_stages > 1 and smem(num_stages, block_n) > SMEM_BUDGET_BYTES:
+        num_stages -= 1
+    while block_n > 16 and smem(num_stages, block_n) > SMEM_BUDGET_BYTES:
+        block_n //= 2
+    return TileConfig(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+
+
+def num_query_tiles(max_seqlen_q: int, group: int, block_m: int) -> int:
+    """Number of M tiles per (sequence, KV head): rows are ``position * group + head_in_group``."""
+    return max(1, cdiv(max(1, max_seqlen_q) * group, block_m))
+
+
+def choose_num_splits(
+    requested: int,
+    batch: int,
+    num_kv_heads: int,
+    num_m_tiles: int,
+    max_keys: int,
+    block_n: int,
+    num_sms: int,
+    max_splits: int = MAX_SPLITS,
+) -> int:
+    """How many programs share one sequence's keys (split-KV, "flash-decoding").
+
+    ``requested`` is the user's ``num_splits``: 1 means no split, n > 1 is honoured (capped by
+    the number of key tiles, as more splits would be empty), 0 asks for the heuristic.
+    ``max_keys`` is the largest number of keys a sequence can have (the cache capacity in slots,
+    or a known bound on the lengths); the result depends only on shapes and the SM count.
+
+    The heuristic (after FlashAttention 2's): no split when the grid already fills the GPU;
+    otherwise the smallest split count whose wave efficiency (busy SM fraction in the last wave)
+    is within 85% of the best, each split keeping at least ``MIN_TILES_PER_SPLIT`` key tiles.
+    """
+    if requested < 0:
+        raise ValueError(f"num_splits must be >= 0, got {requested}")
+    n_tiles = max(1, cdiv(max(1, max_keys), block_n))
+    if requested >= 1:
+        return max(1, min(requested, n_tiles, max_splits))
+    programs = max(1, batch * num_kv_heads * num_m_tiles)
+    num_sms = max(1, num_sms)
+    if programs >= 0.8 * num_sms:
+        return 1
+    limit = min(max_splits, max(1, n_tiles // MIN_TILES_PER_SPLIT), cdiv(2 * num_sms, programs))
+    if limit <= 1:
+        return 1
+
+    def efficiency(s: int) -> float:
+        waves = programs * s / num_sms
+        return waves / cdiv(programs * s, num_sms)
+
+    # Split counts that give the same tiles per split as a smaller count only add empty programs.
+    eligible = [s for s in range(1, limit + 1) if s == 1 or cdiv(n_tiles, s) != cdiv(n_tiles, s - 1)]
+    best = max(efficiency(s) for s in eligible)
+    for s in eligible:
+        if efficiency(s) >= 0.85 * best:
+            return s
+    return 1  # pragma: no cover - the loop always returns
+
+
+def combine_block_h(num_heads: int, head_dim: int) -> int:
+    """Heads per program of the combine kernel: about 4K output elements per program."""
+    d = padded_head_dim(head_dim)
+    return max(1, min(next_pow2(num_heads), 4096 // d))

@@ -1,0 +1,342 @@
+"""Split-KV attention over a paged cache, with the query heads of a KV group packed into M.
+
+One program handles one tile of ``BLOCK_M`` packed query rows of one sequence and one KV head,
+and one split (a contiguous share) of the keys those rows can see. Row r of the tile is query
+position ``r // GROUP`` and query head ``hk * GROUP + r % GROUP``, so every K/V tile is read once
+for the whole group and the score product is a real ``tl.dot`` (M >= 16).
+
+Scores are kept in log2 units (the softmax scale is pre-multiplied by log2(e)) so the online
+softmax uses ``exp2``. Key tiles are aligned to absolute slots; the key loop runs in three parts:
+masked tiles before the range every row fully sees, unmasked tiles, masked tiles after it. With a
+single split the program writes the final output and LSE; otherwise a float32 partial output and
+a log2-domain LSE that `combine.py` merges.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from flashdecode.attention.kernels.rotary import load_rotated
+from flashdecode.attention.kernels.rounding import cast_to
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _key_tile(
+    acc,
+    l_i,
+    m_i,
+    q,
+    start,
+    K_BASE,
+    V_BASE,
+    BT_ROW,
+    num_pages,
+    max_pages,
+    page_size,
+    stride_kp,
+    stride_ks,
+    stride_kd,
+    stride_vp,
+    stride_vs,
+    stride_vd,
+    kv_lo,
+    kv_hi,
+    rel_row,
+    slope,
+    qk_scale,
+    softcap_log2,
+    window_left,
+    window_right,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P2: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    TILE_IN_PAGE: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr,
+    HAS_WINDOW_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """One key tile ``[start, start + BLOCK_N)`` of the online softmax.
+
+    ``rel_row`` is ``i + (end - Sq)`` per row: key slot t is at bottom-right distance
+    ``rel_row - t``. Unmasked tiles lie entirely inside every row's visible range, so they skip the
+    score mask; only page-id validity guards their loads.
+    """
+    offs_n = start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_P2)
+    if TILE_IN_PAGE:
+        # The tile lies in one page (page_size % BLOCK_N == 0, tiles aligned to absolute slots).
+        pidx = start // page_size
+        if MASKED:
+            page = tl.load(BT_ROW + pidx, mask=pidx < max_pages, other=-1)
+        else:
+            page = tl.load(BT_ROW + pidx)
+        page_ok = (page >= 0) & (page < num_pages)
+        in_page = (offs_n - pidx * page_size).to(tl.int64)
+        page64 = page.to(tl.int64)
+        row_ok = (offs_n >= 0) & page_ok
+    else:
+        pidx = offs_n // page_size
+        if MASKED:
+            page = tl.load(BT_ROW + pidx, mask=(offs_n >= 0) & (pidx < max_pages), other=-1)
+        else:
+            page = tl.load(BT_ROW + pidx)
+        row_ok = (page >= 0) & (page < num_pages)
+        in_page = (offs_n - pidx * page_size).to(tl.int64)
+        page64 = page.to(tl.int64)
+    if MASKED:
+        key_ok = row_ok & (offs_n >= kv_lo) & (offs_n < kv_hi)
+    else:
+        key_ok = row_ok
+    if HEAD_DIM == HEAD_DIM_P2:
+        ld_mask = key_ok[:, None]
+    else:
+        ld_mask = key_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k_ptrs = K_BASE + (page64 * stride_kp + in_page * stride_ks)[:, None] + offs_d[None, :] * stride_kd
+    v_ptrs = V_BASE + (page64 * stride_vp + in_page * stride_vs)[:, None] + offs_d[None, :] * stride_vd
+    k = tl.load(k_ptrs, mask=ld_mask, other=0.0)
+    v = tl.load(v_ptrs, mask=ld_mask, other=0.0)
+
+    if DOT_FP32:
+        qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    if HAS_SOFTCAP:
+        # softcap * tanh(x / softcap), in log2 units; tanh(y) = 2 / (1 + exp(-2y)) - 1.
+        y = qk * qk_scale
+        s = softcap_log2 * (2.0 / (1.0 + tl.exp2(y * (-2.0 * LOG2E))) - 1.0)
+    else:
+        s = qk * qk_scale
+    if HAS_ALIBI or MASKED:
+        rel = rel_row[:, None] - offs_n[None, :]
+    if HAS_ALIBI:
+        s = s - slope[:, None] * tl.abs(rel).to(tl.float32)
+    if MASKED:
+        vis = key_ok[None, :]
+        if HAS_WINDOW_RIGHT:
+            vis = vis & (rel >= -window_right)
+        if HAS_WINDOW_LEFT:
+            vis = vis & (rel <= window_left)
+        s = tl.where(vis, s, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:
+        # A row with nothing visible so far keeps m = -inf; use 0 as its offset to avoid inf - inf.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if DOT_FP32:
+        # Round p to v's dtype first, as the 16-bit tensor-core path does.
+        acc += tl.dot(cast_to(p, v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+    else:
+        acc += tl.dot(cast_to(p, v.dtype), v)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def attention_split_kernel(
+    Q,
+    K_CACHE,
+    V_CACHE,
+    BLOCK_TABLE,
+    CU_SEQLENS_Q,
+    CACHE_SEQLENS,
+    CACHE_LEFTPAD,
+    CU_SEQLENS_K_NEW,
+    ROTARY_SEQLENS,
+    COS,
+    SIN,
+    ALIBI,
+    OUT,
+    LSE,
+    total_q,
+    num_kv_heads,
+    num_pages,
+    max_pages,
+    page_size,
+    seqlen_ro,
+    qk_scale,
+    softcap_log2,
+    window_left,
+    window_right,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_kp,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    stride_vp,
+    stride_vs,
+    stride_vh,
+    stride_vd,
+    stride_bt,
+    stride_cos,
+    stride_alibi,
+    stride_os,
+    stride_ot,
+    stride_oh,
+    stride_od,
+    stride_ls,
+    stride_lh,
+    stride_lt,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,
+    TILE_IN_PAGE: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr,
+    HAS_WINDOW_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    ROTARY_DIM: tl.constexpr,
+    ROTARY_INTERLEAVED: tl.constexpr,
+    ROTARY_PER_POSITION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """Grid ``(num_m_tiles * num_kv_heads, batch, num_splits)``.
+
+    With ``SPLIT`` the outputs are the workspace: ``OUT`` (splits, total_q, H, D) float32 partial
+    outputs (already divided by their own sum) and ``LSE`` (splits, H, total_q) log2-domain LSE,
+    -inf for an empty split. Without it, ``OUT`` (total_q, H, D) in q's dtype and ``LSE``
+    (H, total_q) natural-log float32, +inf and zeros for a row that sees no key.
+    """
+    pid0 = tl.program_id(0)
+    b = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+    hk = pid0 % num_kv_heads
+    # Heaviest (last, under a causal mask) query tiles first.
+    m_tile = tl.num_programs(0) // num_kv_heads - 1 - pid0 // num_kv_heads
+
+    q_start = tl.load(CU_SEQLENS_Q + b)
+    seqlen_q = tl.load(CU_SEQLENS_Q + b + 1) - q_start
+    n_rows = seqlen_q * GROUP
+    row0 = m_tile * BLOCK_M
+    if row0 >= n_rows:
+        return
+
+    new_len = tl.load(CU_SEQLENS_K_NEW + b + 1) - tl.load(CU_SEQLENS_K_NEW + b)
+    end = tl.load(CACHE_SEQLENS + b) + new_len  # one past the last valid key slot
+    capacity = max_pages * page_size
+    kv_lo = tl.maximum(tl.load(CACHE_LEFTPAD + b), 0)
+    kv_hi = tl.minimum(end, capacity)
+    diag = end - seqlen_q  # query i sees slot t at bottom-right distance i + diag - t
+
+    rows = row0 + tl.arange(0, BLOCK_M)
+    pos = rows // GROUP
+    head = hk * GROUP + rows % GROUP
+    token = q_start + pos
+    row_ok = (rows < n_rows) & (token >= 0) & (token < total_q)
+    i_min = row0 // GROUP
+    i_max = (tl.minimum(row0 + BLOCK_M, n_rows) - 1) // GROUP
+
+    # Keys some row may see, and keys every row sees (those tiles skip the score mask).
+    lo_any = kv_lo
+    lo_all = kv_lo
+    hi_any = kv_hi
+    hi_all = kv_hi
+    if HAS_WINDOW_LEFT:
+        lo_any = tl.maximum(lo_any, i_min + diag - window_left)
+        lo_all = tl.maximum(lo_all, i_max + diag - window_left)
+    if HAS_WINDOW_RIGHT:
+        hi_any = tl.minimum(hi_any, i_max + diag + window_right + 1)
+        hi_all = tl.minimum(hi_all, i_min + diag + window_right + 1)
+    lo_any = tl.maximum(lo_any, 0)
+    hi_any = tl.maximum(hi_any, lo_any)
+    lo_all = tl.maximum(lo_all, 0)
+    hi_all = tl.maximum(hi_all, 0)
+
+    # This split's share, in whole tiles aligned to absolute slots.
+    first = (lo_any // BLOCK_N) * BLOCK_N
+    n_tiles = tl.cdiv(hi_any - first, BLOCK_N)
+    per_split = tl.cdiv(n_tiles, num_splits)
+    s_lo = tl.minimum(first + split * per_split * BLOCK_N, hi_any)
+    s_hi = tl.minimum(s_lo + per_split * BLOCK_N, hi_any)
+    full_lo = tl.minimum(tl.maximum(tl.cdiv(lo_all, BLOCK_N) * BLOCK_N, s_lo), s_hi)
+    full_hi = tl.minimum(tl.maximum((hi_all // BLOCK_N) * BLOCK_N, full_lo), s_hi)
+
+    # Query tile, rotated on load when new keys are rotated.
+    offs_d = tl.arange(0, HEAD_DIM_P2)
+    q_rows = Q + token.to(tl.int64) * stride_qt + head * stride_qh
+    if ROTARY_DIM > 0:
+        rbase = tl.load(ROTARY_SEQLENS + b)
+        if ROTARY_PER_POSITION:
+            rpos = rbase + pos
+        else:
+            rpos = rbase + 0 * pos
+        q = load_rotated(
+            q_rows, row_ok, rpos, COS, SIN, stride_cos, seqlen_ro, stride_qd,
+            HEAD_DIM, HEAD_DIM_P2, ROTARY_DIM, ROTARY_INTERLEAVED,
+        )
+        q = cast_to(q, Q.dtype.element_ty)
+    else:
+        q = tl.load(
+            q_rows[:, None] + offs_d[None, :] * stride_qd,
+            mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :],
+            other=0.0,
+        )
+
+    if HAS_ALIBI:
+        slope = tl.load(ALIBI + b * stride_alibi + head, mask=row_ok, other=0.0).to(tl.float32) * LOG2E
+    else:
+        slope = tl.zeros([BLOCK_M], dtype=tl.float32)
+    rel_row = pos + diag
+
+    K_BASE = K_CACHE + hk * stride_kh
+    V_BASE = V_CACHE + hk * stride_vh
+    BT_ROW = BLOCK_TABLE + b.to(tl.int64) * stride_bt
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_P2], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+
+    for start in range(s_lo, full_lo, BLOCK_N):
+        acc, l_i, m_i = _key_tile(
+            acc, l_i, m_i, q, start, K_BASE, V_BASE, BT_ROW, num_pages, max_pages, page_size,
+            stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
+            kv_lo, kv_hi, rel_row, slope, qk_scale, softcap_log2, window_left, window_right,
+            HEAD_DIM, HEAD_DIM_P2, BLOCK_N, True, TILE_IN_PAGE,
+            HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32,
+        )
+    for start in range(full_lo, full_hi, BLOCK_N):
+        acc, l_i, m_i = _key_tile(
+            acc, l_i, m_i, q, start, K_BASE, V_BASE, BT_ROW, num_pages, max_pages, page_size,
+            stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
+            kv_lo, kv_hi, rel_row, slope, qk_scale, softcap_log2, window_left, window_right,
+            HEAD_DIM, HEAD_DIM_P2, BLOCK_N, False, TILE_IN_PAGE,
+            HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32,
+        )
+    for start in range(full_hi, s_hi, BLOCK_N):
+        acc, l_i, m_i = _key_tile(
+            acc, l_i, m_i, q, start, K_BASE, V_BASE, BT_ROW, num_pages, max_pages, page_size,
+            stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
+            kv_lo, kv_hi, rel_row, slope, qk_scale, softcap_log2, window_left, window_right,
+            HEAD_DIM, HEAD_DIM_P2, BLOCK_N, True, TILE_IN_PAGE,
+            HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32,
+        )
+
+    has_key = l_i > 0.0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    lse2 = m_i + tl.log2(tl.where(has_key, l_i, 1.0))
+    o_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o_rows = token.to(tl.int64) * stride_ot + head * stride_oh
+    l_offs = head * stride_lh + token.to(tl.int64) * stride_lt
+    if SPLIT:
+        o_base = OUT + split.to(tl.int64) * stride_os
+        tl.store(o_base + o_rows[:, None] + offs_d[None, :] * stride_od, out, mask=o_mask)
+        tl.store(LSE + split.to(tl.int64) * stride_ls + l_offs, tl.where(has_key, lse2, float("-inf")), mask=row_ok)
+    else:
+        tl.store(OUT + o_rows[:, None] + offs_d[None, :] * stride_od, cast_to(out, OUT.dtype.element_ty), mask=o_mask)
+        tl.store(LSE + l_offs, tl.where(has_key, lse2 * LN2, float("inf")), mask=row_ok)

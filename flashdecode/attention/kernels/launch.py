@@ -1,0 +1,173 @@
+"""Launcher of the Triton path: append, split-KV attention, combine.
+
+Everything here is decided from shapes and device properties, never from tensor values: no host
+synchronisation and no data-dependent allocation, so a call can be captured in a CUDA graph and
+replayed after the caller changes ``cache_seqlens``, the block table or the cache contents.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+
+from flashdecode.attention import heuristics
+from flashdecode.attention.kernels.append import append_kv_kernel
+from flashdecode.attention.kernels.attention import attention_split_kernel
+from flashdecode.attention.kernels.combine import combine_splits_kernel
+from flashdecode.attention.problem import PackedProblem
+
+LOG2E = math.log2(math.e)
+# New keys per program of the append kernel.
+APPEND_BLOCK_T = 16
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_type: str, index: int | None) -> int:
+    if device_type == "cuda":
+        return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()).multi_processor_count
+    # The interpreter runs programs one after the other: splitting only costs time there.
+    return 1
+
+
+def num_sms(device: torch.device) -> int:
+    """SM count of ``device`` (1 for CPU tensors run by the Triton interpreter)."""
+    return _num_sms(device.type, device.index)
+
+
+def _plan(p: PackedProblem) -> tuple[heuristics.TileConfig, int, int]:
+    """Tile config, number of query tiles and split count for ``p`` (shapes only)."""
+    _, num_heads, head_dim = p.q.shape
+    num_kv_heads = p.k_pages.shape[2]
+    group = num_heads // num_kv_heads
+    cfg = heuristics.choose_tiles(head_dim, p.q.element_size(), max(1, p.max_seqlen_q) * group)
+    n_m_tiles = heuristics.num_query_tiles(p.max_seqlen_q, group, cfg.block_m)
+    capacity = p.block_table.shape[1] * p.page_size
+    splits = heuristics.choose_num_splits(
+        p.num_splits, p.batch, num_kv_heads, n_m_tiles, capacity, cfg.block_n, num_sms(p.q.device)
+    )
+    return cfg, n_m_tiles, splits
+
+
+def append_kv(p: PackedProblem) -> None:
+    """Write ``p.k_new`` (rotated when ``p.rotary_cos`` is set) and ``p.v_new`` into the pages."""
+    if p.k_new is None or p.v_new is None or p.k_new.shape[0] == 0 or p.max_seqlen_k_new <= 0:
+        return
+    _, num_kv_heads, head_dim = p.k_new.shape
+    kc, vc, kn, vn = p.k_pages, p.v_pages, p.k_new, p.v_new
+    rotary_dim = p.rotary_dim
+    cos = p.rotary_cos if rotary_dim else kn  # dummy pointers when unused
+    sin = p.rotary_sin if rotary_dim else kn
+    if rotary_dim:
+        assert cos.stride(1) == 1 and sin.stride(1) == 1 and cos.stride(0) == sin.stride(0)
+    grid = (triton.cdiv(p.max_seqlen_k_new, APPEND_BLOCK_T), p.batch, num_kv_heads)
+    append_kv_kernel[grid](
+        kn, vn, kc, vc, p.block_table, p.cache_seqlens, p.cu_seqlens_k_new, p.rotary_seqlens, cos, sin,
+        kn.shape[0], kc.shape[0], p.block_table.shape[1], p.page_size,
+        cos.shape[0] if rotary_dim else 0,
+        kn.stride(0), kn.stride(1), kn.stride(2),
+        vn.stride(0), vn.stride(1), vn.stride(2),
+        kc.stride(0), kc.stride(1), kc.stride(2), kc.stride(3),
+        vc.stride(0), vc.stride(1), vc.stride(2), vc.stride(3),
+        p.block_table.stride(0),
+        cos.stride(0) if rotary_dim else 0,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_P2=heuristics.padded_head_dim(head_dim),
+        BLOCK_T=APPEND_BLOCK_T,
+        ROTARY_DIM=rotary_dim,
+        INTERLEAVED=p.rotary_interleaved,
+        num_warps=4,
+    )
+
+
+def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Split-KV attention over the (already appended) cache; writes ``out`` and ``lse``."""
+    total_q, num_heads, head_dim = p.q.shape
+    if total_q == 0:
+        return
+    num_pages, page_size, num_kv_heads, _ = p.k_pages.shape
+    group = num_heads // num_kv_heads
+    cfg, n_m_tiles, splits = _plan(p)
+    d_p2 = heuristics.padded_head_dim(head_dim)
+    q, kc, vc, bt = p.q, p.k_pages, p.v_pages, p.block_table
+    rotary_dim = p.rotary_dim
+    cos = p.rotary_cos if rotary_dim else q
+    sin = p.rotary_sin if rotary_dim else q
+    alibi = p.alibi_slopes.contiguous() if p.alibi_slopes is not None else q
+    softcap = float(p.softcap)
+    if softcap > 0.0:
+        qk_scale, softcap_log2 = p.softmax_scale / softcap, softcap * LOG2E
+    else:
+        qk_scale, softcap_log2 = p.softmax_scale * LOG2E, 0.0
+
+    if splits > 1:
+        o_dst = torch.empty((splits, total_q, num_heads, head_dim), device=q.device, dtype=torch.float32)
+        l_dst = torch.empty((splits, total_q, num_heads), device=q.device, dtype=torch.float32)
+        o_strides = o_dst.stride()
+        l_strides = (l_dst.stride(0), l_dst.stride(2), l_dst.stride(1))  # (split, head, token)
+    else:
+        o_dst, l_dst = out, lse
+        o_strides = (0, *out.stride())
+        l_strides = (0, lse.stride(0), lse.stride(1))
+
+    grid = (n_m_tiles * num_kv_heads, p.batch, splits)
+    attention_split_kernel[grid](
+        q, kc, vc, bt, p.cu_seqlens_q, p.cache_seqlens, p.cache_leftpad, p.cu_seqlens_k_new,
+        p.rotary_seqlens, cos, sin, alibi, o_dst, l_dst,
+        total_q, num_kv_heads, num_pages, bt.shape[1], page_size,
+        cos.shape[0] if rotary_dim else 0,
+        qk_scale, softcap_log2, p.window_left, p.window_right,
+        q.stride(0), q.stride(1), q.stride(2),
+        kc.stride(0), kc.stride(1), kc.stride(2), kc.stride(3),
+        vc.stride(0), vc.stride(1), vc.stride(2), vc.stride(3),
+        bt.stride(0),
+        cos.stride(0) if rotary_dim else 0,
+        alibi.stride(0) if p.alibi_slopes is not None else 0,
+        *o_strides,
+        *l_strides,
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_P2=d_p2,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        SPLIT=splits > 1,
+        TILE_IN_PAGE=page_size % cfg.block_n == 0,
+        HAS_WINDOW_LEFT=p.window_left >= 0,
+        HAS_WINDOW_RIGHT=p.window_right >= 0,
+        HAS_SOFTCAP=softcap > 0.0,
+        HAS_ALIBI=p.alibi_slopes is not None,
+        ROTARY_DIM=rotary_dim,
+        ROTARY_INTERLEAVED=p.rotary_interleaved,
+        ROTARY_PER_POSITION=p.causal or p.local,
+        # fp32 inputs need exact (not tf32) products; the interpreter's dot mishandles bf16.
+        DOT_FP32=q.dtype == torch.float32 or not q.is_cuda,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    if splits > 1:
+        block_h = heuristics.combine_block_h(num_heads, head_dim)
+        combine_splits_kernel[(total_q, triton.cdiv(num_heads, block_h))](
+            o_dst, l_dst, out, lse, splits, num_heads,
+            o_dst.stride(0), o_dst.stride(1), o_dst.stride(2),
+            l_dst.stride(0), l_dst.stride(1),
+            out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(1),
+            HEAD_DIM=head_dim,
+            HEAD_DIM_P2=d_p2,
+            BLOCK_H=block_h,
+            SPLITS_P2=max(2, heuristics.next_pow2(splits)),
+            num_warps=4,
+        )
+
+
+def triton_forward(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Append ``p.k_new``/``p.v_new`` into the cache in place, then write ``out`` and ``lse``.
+
+    ``out`` is ``(total_q, H, D)`` in q's dtype, ``lse`` ``(H, total_q)`` float32 (natural log;
+    +inf with a zero output for a query row that sees no key). Same contract as
+    ``reference_forward``.
+    """
+    append_kv(p)
+    attention(p, out, lse)

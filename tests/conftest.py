@@ -16,6 +16,11 @@ import torch  # noqa: E402
 
 TEST_DEVICE = "cuda" if _WANT_CUDA else "cpu"
 BACKENDS = ["reference", "triton"]
+# On CPU the Triton backend runs in the interpreter: tests that take it carry the `interpreter` mark.
+BACKEND_PARAMS = [
+    pytest.param("reference", id="reference"),
+    pytest.param("triton", id="triton", marks=[] if _WANT_CUDA else [pytest.mark.interpreter]),
+]
 
 
 def cuda_available() -> bool:
@@ -49,7 +54,7 @@ def set_backend(monkeypatch, name: str) -> None:
     monkeypatch.setenv("FLASHDECODE_BACKEND", name)
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=BACKEND_PARAMS)
 def backend(request, monkeypatch) -> str:
     set_backend(monkeypatch, request.param)
     return request.param

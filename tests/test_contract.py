@@ -68,6 +68,11 @@ class Case:
     twin: bool = False  # paged: also run the contiguous twin
     zero_len: bool = False  # varlen / packed: allow sequences with 0 queries / 0 new keys
     min_len: int = 0
+    strided_qkv: bool = False  # q, k, v are head-sliced views (like slices of a fused qkv projection)
+    qscale: float = 1.0  # magnitude of q (large values stress the softmax's stability)
+    no_max_seqlen: bool = False  # varlen: leave max_seqlen_q as None
+    dup_rows: bool = False  # cache_batch_idx repeats a row (read-only: no append)
+    leftpad_from: float = 0.0  # leftpad drawn in [leftpad_from * seqlens, seqlens]
 
     @property
     def id(self) -> str:
@@ -86,6 +91,9 @@ class Case:
             (self.twin, "twin"),
             (self.zero_len, "zero"),
             (not self.lse, "nolse"),
+            (self.strided_qkv, "sqkv"),
+            (self.no_max_seqlen, "nomaxq"),
+            (self.dup_rows, "duprows"),
         ]:
             if flag:
                 parts.append(name)
@@ -99,6 +107,8 @@ class Case:
             parts.append(f"alibi{self.alibi}")
         if self.scale is not None:
             parts.append(f"sc{self.scale}")
+        if self.qscale != 1.0:
+            parts.append(f"qx{self.qscale}")
         return "-".join(parts)
 
 
@@ -106,7 +116,7 @@ def random_case(seed: int) -> Case:
     r = random.Random(seed * 7919 + 17)
     kind = r.choice(["mha", "gqa", "mqa"])
     H, Hk = {"mha": (r.choice([1, 2, 3]),) * 2, "gqa": r.choice([(4, 2), (6, 2), (6, 3), (8, 2)]), "mqa": (r.choice([2, 4]), 1)}[kind]
-    page = r.choice([None, None, None, 1, 3, 16, 256])
+    page = r.choice([None, None, None, 1, 3, 5, 16, 256])
     append = r.choice([None, "padded", "packed", "padded"])
     seqlens = r.choice(["tensor", "tensor", "tensor", "int", "none"])
     if seqlens == "none":
@@ -133,7 +143,7 @@ def random_case(seed: int) -> Case:
         append=append,
         S_new=r.randint(1, 8),
         seqlens=seqlens,
-        max_len=r.choice([6, 24, 40]),
+        max_len=r.choice([6, 24, 40, 40, 150]),
         leftpad=r.random() < 0.3,
         batch_idx=r.random() < 0.3,
         rot=rot,
@@ -148,6 +158,9 @@ def random_case(seed: int) -> Case:
         strided=r.random() < 0.15,
         twin=page is not None,
         zero_len=(qlayout == "varlen" or append == "packed") and r.random() < 0.2,
+        strided_qkv=r.random() < 0.15,
+        qscale=r.choice([1.0, 1.0, 1.0, 1.0, 6.0]),
+        no_max_seqlen=qlayout == "varlen" and r.random() < 0.3,
     )
 
 
@@ -185,14 +198,41 @@ FEATURE_CASES = [
     Case(1012, "fp16", B=2, H=3, Hk=1, D=96, seqlens="int", Sq=3, append="padded", S_new=2, rot=0.5, window=(0, 0)),
 ]
 
-REF_CASES = FEATURE_CASES + [random_case(s) for s in range(160)] + [
+RANDOM_CASES = [random_case(s) for s in range(500)]
+EXTRA_CASES = [
     # a longer chunk through the same op (chunked prefill)
     Case(2001, "bf16", B=2, H=4, Hk=2, D=32, Sq=20, append="padded", S_new=20, causal=True, rot=1.0, max_len=16),
     Case(2002, "fp16", B=2, H=2, Hk=1, D=32, page=3, qlayout="varlen", Sq=16, append="packed", S_new=16,
          causal=True, window=(9, 0), twin=True, max_len=16),
+    # prefill of 64 tokens into a paged cache, chunked on top of an existing prefix
+    Case(2003, "bf16", B=1, H=4, Hk=2, D=64, page=16, Sq=64, append="padded", S_new=64, causal=True, rot=1.0,
+         interleaved=False, max_len=40, min_len=30, twin=True),
+    # head dim 256, and large GQA groups (8 and 16 query heads per KV head)
+    Case(2004, "fp16", B=2, H=8, Hk=1, D=256, page=16, Sq=2, append="padded", S_new=2, causal=True, rot=0.5),
+    Case(2005, "bf16", B=1, H=16, Hk=2, D=64, Sq=3, qlayout="varlen", append="packed", S_new=3, causal=True,
+         softcap=0.5, alibi="H", max_len=40),
+    Case(2006, "fp32", B=2, H=16, Hk=1, D=256, Sq=1, append="padded", S_new=1, rot=1.0, max_len=40),
+    # repeated cache rows (two sequences reading the same row), with paging
+    Case(2007, "fp16", B=3, H=4, Hk=2, D=32, page=5, batch_idx=True, dup_rows=True, leftpad=True, Sq=2,
+         causal=True, twin=True),
+    Case(2008, "bf16", B=2, H=2, Hk=2, D=32, batch_idx=True, dup_rows=True, seqlens="none", Sq=2, max_len=20),
+    # q, k, v as strided views, huge q magnitude, rotary_seqlens without causal
+    Case(2009, "fp16", B=2, H=4, Hk=2, D=64, page=3, Sq=3, append="padded", S_new=3, rot=1.0, rotary_seqlens=True,
+         strided_qkv=True, qscale=12.0, twin=True),
+    Case(2010, "bf16", B=3, H=6, Hk=2, D=80, qlayout="varlen", Sq=4, append="packed", S_new=4, strided_qkv=True,
+         window=(-1, 2), no_max_seqlen=True, leftpad=True),
+    # many query rows per KV group, not a multiple of any tile (33 positions x 3 heads)
+    Case(2011, "fp16", B=2, H=6, Hk=2, D=32, Sq=33, append="padded", S_new=33, causal=True, page=16, max_len=70,
+         twin=True),
+    # very uneven lengths in one batch: an empty sequence next to a long one
+    Case(2012, "bf16", B=3, H=4, Hk=2, D=64, page=16, Sq=2, append="packed", S_new=2, zero_len=True, causal=True,
+         max_len=300, min_len=0, leftpad=True),
 ]
 
-TRITON_CASES = REF_CASES if TEST_DEVICE == "cuda" else FEATURE_CASES
+REF_CASES = FEATURE_CASES + EXTRA_CASES + RANDOM_CASES
+# The interpreter is slow: on CPU the Triton path takes the hand-picked and extra cases plus a slice
+# of the random ones (every feature is in FEATURE_CASES); on CUDA it takes the whole grid.
+TRITON_CASES = REF_CASES if TEST_DEVICE == "cuda" else FEATURE_CASES + EXTRA_CASES + RANDOM_CASES[:200]
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,9 +284,12 @@ def build(case: Case, device, *, garbage_nan: bool = False) -> Built:
             capacity = nblk * page
         else:
             capacity = need + r.randint(0, 3)
-    lp = [r.randint(0, L[b]) if case.leftpad else 0 for b in range(B)]
+    lp = [r.randint(int(case.leftpad_from * L[b]), L[b]) if case.leftpad else 0 for b in range(B)]
     nrows = B + (2 if case.batch_idx else 0)
     rows = torch.randperm(nrows, generator=g)[:B].tolist() if case.batch_idx else list(range(B))
+    if case.dup_rows:
+        assert case.batch_idx and case.append is None and B >= 2
+        rows[1] = rows[0]
 
     Hk_alloc = Hk + (1 if case.strided else 0)
     if page:
@@ -292,23 +335,27 @@ def build(case: Case, device, *, garbage_nan: bool = False) -> Built:
     k_cache = base_k[:, :, :Hk] if case.strided else base_k
     v_cache = base_v[:, :, :Hk] if case.strided else base_v
 
+    extra_h = 1 if case.strided_qkv else 0
     if case.qlayout == "varlen":
-        q = rn(sum(sq), H, D).to(device)
+        q = rn(sum(sq), H + extra_h, D, scale=case.qscale).to(device)[:, :H]
         cu_q = torch.tensor([0] + list(_cumsum(sq)), dtype=torch.int32, device=device)
-        max_sq = max(sq)
+        max_sq = None if case.no_max_seqlen else max(sq)
     else:
-        q = rn(B, case.Sq, H, D).to(device)
+        q = rn(B, case.Sq, H + extra_h, D, scale=case.qscale).to(device)[:, :, :H]
         cu_q = None
         max_sq = None
 
     k = v = cu_k = None
-    if case.append == "padded":
-        k = rn(B, case.S_new, Hk, D).to(device)
-        v = rn(B, case.S_new, Hk, D).to(device)
-    elif case.append == "packed":
-        k = rn(sum(n), Hk, D).to(device)
-        v = rn(sum(n), Hk, D).to(device)
-        cu_k = torch.tensor([0] + list(_cumsum(n)), dtype=torch.int32, device=device)
+    if case.append:
+        lead = (B, case.S_new) if case.append == "padded" else (sum(n),)
+        if case.strided_qkv:  # k and v interleaved in one tensor, like a fused kv projection
+            kv = rn(*lead, 2 * Hk, D).to(device)
+            k, v = kv[..., :Hk, :], kv[..., Hk:, :]
+        else:
+            k = rn(*lead, Hk, D).to(device)
+            v = rn(*lead, Hk, D).to(device)
+        if case.append == "packed":
+            cu_k = torch.tensor([0] + list(_cumsum(n)), dtype=torch.int32, device=device)
 
     if case.seqlens == "tensor":
         seqlens_arg = torch.tensor(L, dtype=torch.int32, device=device)
@@ -666,7 +713,20 @@ SPLIT_CASES = [
     Case(3002, "bf16", B=2, H=2, Hk=1, D=64, qlayout="varlen", Sq=3, append="packed", S_new=3, causal=True,
          leftpad=True, softcap=10.0, max_len=90, min_len=50),
     Case(3003, "fp32", B=1, H=4, Hk=4, D=16, page=3, Sq=2, window=(40, 0), alibi="H", max_len=100, min_len=70),
+    Case(3004, "bf16", B=2, H=8, Hk=2, D=128, page=16, Sq=1, append="padded", S_new=1, causal=True, leftpad=True,
+         max_len=420, min_len=300),
+    Case(3005, "fp16", B=3, H=4, Hk=1, D=64, Sq=4, qlayout="varlen", append="packed", S_new=4, causal=True,
+         rot=0.5, interleaved=False, max_len=500, min_len=200),
+    # a small window on a long sequence: most splits see no key at all
+    Case(3006, "fp16", B=2, H=4, Hk=2, D=32, page=16, Sq=3, append="padded", S_new=1, causal=True, window=(8, 0),
+         max_len=400, min_len=300),
+    # leftpad near the end of a long sequence (leading splits empty); rows with no key (Sq > Sk)
+    Case(3007, "bf16", B=2, H=2, Hk=1, D=64, Sq=6, causal=True, leftpad=True, max_len=400, min_len=380, alibi="BH",
+         leftpad_from=0.97),
 ]
+
+
+SPLITS = (1, 0, 3, 17)
 
 
 def _split_params(cases):
@@ -680,12 +740,12 @@ def _run_splits(case, device):
     orc = oracle_of(clone_kw(built.kw))
     pt = lowp_attention(built, orc, dt) if dt != torch.float32 else (None, None)
     results = {}
-    for ns in (0, 1, 3):
+    for ns in SPLITS:
         kw = clone_kw(pristine)
         out, lse = call_op(kw, num_splits=ns, return_lse=True)
         check_out_lse(f"{case.id}[num_splits={ns}]", dt, out, lse, orc, pt, lse_expected=True)
         results[ns] = (out, lse, kw["k_cache"], kw["v_cache"])
-    for ns in (0, 3):
+    for ns in SPLITS[1:]:
         close_pair(case.id, f"out num_splits={ns} vs 1", results[ns][0], results[1][0], dt)
         close_pair(case.id, f"lse num_splits={ns} vs 1", results[ns][1], results[1][1], torch.float32)
         assert bit_equal(results[ns][3], results[1][3]), f"{case.id}: v_cache differs with num_splits={ns}"
@@ -735,11 +795,9 @@ NAN_CASES = [
 
 
 @pytest.mark.parametrize("case", _split_params(NAN_CASES))
-def test_stale_nan_slots_are_never_read(case, backend, device, request):
+def test_stale_nan_slots_are_never_read(case, backend, device):
     """Slots outside [leftpad, seqlens + S_new), unused pages and unused rows hold NaN (as an
     uninitialised cache may): the result must not depend on them."""
-    if backend == "triton" and TEST_DEVICE != "cuda":
-        request.applymarker(pytest.mark.interpreter)
     dt = DTYPES[case.dtype]
     built = build(case, device, garbage_nan=True)
     orc = oracle_of(clone_kw(built.kw))

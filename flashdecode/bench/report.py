@@ -19,6 +19,8 @@ import os
 from typing import Any
 
 MEMORY_BOUND = ("decode", "ragged", "spec", "append")
+IMPL_ORDER = ("flashdecode", "flashdecode-paged", "flashdecode-noappend", "sdpa-flash", "sdpa-cudnn", "flashinfer",
+              "naive", "flex")
 OURS = "flashdecode"
 PAGED = "flashdecode-paged"
 NOAPPEND = "flashdecode-noappend"
@@ -365,6 +367,7 @@ def plot_bandwidth(results, path: str) -> str:
             shapes.append(r["shape"])
         if r["impl"] not in impls:
             impls.append(r["impl"])
+    impls.sort(key=lambda n: (IMPL_ORDER.index(n) if n in IMPL_ORDER else len(IMPL_ORDER), n))
     val = {(r["shape"], r["impl"]): r for r in rows}
     n = len(impls)
     width = 0.8 / max(n, 1)
@@ -391,7 +394,8 @@ def plot_bandwidth(results, path: str) -> str:
     ax.set_xticklabels([s.replace(":", "\n", 1) for s in shapes], rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("achieved GB/s (K+V bytes read / median time)")
     m = results.get("meta", {})
-    ax.set_title(f"Decode attention bandwidth — {m.get('card', '?')} — {m.get('date', '?')} (hatched: wrong result)",
+    ax.set_title(f"Decode attention bandwidth — {m.get('card', '?')} — {str(m.get('date', '?'))[:10]} "
+                 "(hatched: wrong result)",
                  fontsize=10)
     ax.legend(fontsize=8, ncol=2)
     ax.grid(axis="y", alpha=0.3)

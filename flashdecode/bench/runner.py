@@ -383,12 +383,16 @@ def plan_shapes(opts: Options, device: torch.device) -> list[Shape]:
     return select(grid, opts.shapes, quick=opts.quick)
 
 
-def run(opts: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the benchmark; returns the results dict (reports are written by `finish`)."""
+def run(opts: Options, log: Callable[[str], None] = print, peers: list[Peer] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns the results dict (reports are written by `finish`).
+
+    `peers` replaces the implementations chosen by the options (tests inject their own).
+    """
     t0 = time.monotonic()
     device = resolve_device(opts.device)
     shapes = plan_shapes(opts, device)
-    peers = make_peers(opts.peers or None, flex=opts.flex, flashinfer=opts.flashinfer)
+    if peers is None:
+        peers = make_peers(opts.peers or None, flex=opts.flex, flashinfer=opts.flashinfer)
     results: dict[str, Any] = {"meta": environment(device), "options": asdict(opts), "ceilings": None, "rows": [],
                                "status": "running", "_t0": t0}
     m = results["meta"]

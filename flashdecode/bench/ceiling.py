@@ -39,7 +39,7 @@ def measure_ceilings(device: torch.device | str, *, size_bytes: int | None = Non
     dev = torch.device(device)
     res = Ceilings()
     if size_bytes is None:
-        size_bytes = (2 << 30) if dev.type == "cuda" else (64 << 20)
+        size_bytes = (2 << 30) if dev.type == "cuda" else (8 << 20)
     if dev.type == "cuda":
         try:
             free, _total = torch.cuda.mem_get_info(dev)

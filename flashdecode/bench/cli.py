@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="use the tiny grid (CPU smoke test) even on a GPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--list", action="store_true", help="list the selected shapes and implementations, then exit")
+    p.add_argument("--summary", default=None, metavar="JSON", help="print the short summary table of a "
+                   "results.json and exit")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="merge results.json files of several runs (e.g. split across calls) into --out and print "
                         "the report; runs nothing")
@@ -87,6 +89,14 @@ def main(argv: list[str] | None = None) -> int:
         pass
     from flashdecode.bench import report  # noqa: PLC0415
 
+    if args.summary:
+        try:
+            with open(args.summary, encoding="utf-8") as f:
+                print(report.format_summary(json.load(f)))
+        except Exception as exc:
+            print(f"no summary: {type(exc).__name__}: {exc}")
+            return 2
+        return 0
     if args.merge:
         try:
             results = merge(args.merge, args.out)

@@ -269,6 +269,42 @@ def format_report(results) -> str:
     return "\n\n".join(parts)
 
 
+def format_summary(results) -> str:
+    """A short table, one line per shape: flashdecode's figure, the best peer, the ratios, the targets."""
+    derive(results)
+    lines = []
+    names: list[str] = []
+    for r in results.get("rows", []):
+        if r["shape"] not in names:
+            names.append(r["shape"])
+    for name in names:
+        ours = _row(results, name) or {}
+        paged = _row(results, name, PAGED) or {}
+        kind = ours.get("kind") or name.split(":")[0]
+        if ours.get("status") == "ok":
+            if kind in MEMORY_BOUND:
+                fig = f"{_f(ours.get('gbs'), '.0f')} GB/s {_f(ours.get('pct_ceiling'), '.0f')}%"
+            elif kind == "memory" and ours.get("peak_extra_mb") is not None:
+                fig = f"peak +{ours['peak_extra_mb']:.0f} MB"
+            else:
+                fig = f"{_f(ours.get('tflops'), '.1f')} TFLOP/s"
+            check = "ok" if ours.get("correct") else ("WRONG" if ours.get("correct") is False else "?")
+        else:
+            fig, check = (ours.get("reason") or ours.get("status") or "-")[:40], "-"
+        best = f"{ours['best_peer']} {ours['best_peer_us']:.1f}" if ours.get("best_peer") else "-"
+        ratio = ours.get("append_ratio") if kind == "append" else paged.get("paged_ratio")
+        lines.append([name, _f(ours.get("us"), ".1f"), fig, best, _f(ours.get("speedup"), ".2f"),
+                      ("append x" if kind == "append" and ratio is not None else "") + _f(ratio, ".3f"), check])
+    tg = results.get("targets", [])
+    met = sum(1 for t in tg if t["met"] is True)
+    missed = sum(1 for t in tg if t["met"] is False)
+    c = results.get("ceilings") or {}
+    head = (f"SUMMARY {results.get('meta', {}).get('card', '?')}: read ceiling {_f(c.get('read_gbs'), '.0f')} GB/s; "
+            f"targets met {met}, missed {missed}, not measured {len(tg) - met - missed}; run {results.get('status')}")
+    return head + "\n" + render_table(
+        ["shape", "flashdecode us", "figure", "best peer (us)", "speedup", "paged/contig", "check"], lines, "lrrlrrl")
+
+
 # ------------------------------------------------------------------------------------------------
 # Markdown
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,207 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: versions, the GPU test pass, then the kernel benchmark; a short
+# summary table is printed last. Run from the repository root:
+#
+#   bash scripts/gpu_check.sh                      # tests + full benchmark
+#   QUICK=1 bash scripts/gpu_check.sh              # tests + --quick benchmark
+#   RUN_TESTS=0 BENCH_ARGS="--shapes decode" bash scripts/gpu_check.sh
+#
+# Variables (all optional):
+#   PYTHON        interpreter (default python3)
+#   RUN_TESTS     1/0: run the GPU test pass (default 1)
+#   TEST_SELECT   pytest -m expression (default "gpu or not interpreter")
+#   TEST_PATHS    what pytest collects (default tests)
+#   PYTEST_OPTS   (default "-x -q")
+#   TEST_TIMEOUT  seconds for the test pass (default 240)
+#   RUN_BENCH     1/0: run the benchmark (default 1)
+#   QUICK         1: pass --quick
+#   BENCH_ARGS    extra benchmark arguments (e.g. "--no-flex --shapes decode")
+#   BENCH_OUT     benchmark output folder (default bench_results)
+#   TOTAL_BUDGET  seconds for this whole script (default 560, under a 600 s call limit); the benchmark
+#                 gets what the tests leave, stops starting rows when it runs out, and still reports
+#   OUT           if set, results, the log and FlashInfer's compiled kernels are copied there
+#   MAX_JOBS      parallel nvcc jobs for FlashInfer's first-use JIT (default 16)
+#   WHEELS_DIR    where the wheels are (default wheels)
+#
+# Wheels: every wheels/*.whl is installed with --no-deps --no-index (no internet there); the ones in
+# wheels/matplotlib/ only if matplotlib does not import. If wheels/flashinfer_jit_cache.tar.gz exists
+# (a file this script leaves in $OUT), FlashInfer's kernels compiled by an earlier run are reused.
+# Nothing here is fatal: a failed install or test pass is reported and the benchmark still runs.
+
+set -u
+cd "$(dirname "$0")/.."
+ROOT="$(pwd)"
+START=$(date +%s)
+PY="${PYTHON:-python3}"
+RUN_TESTS="${RUN_TESTS:-1}"
+TEST_SELECT="${TEST_SELECT:-gpu or not interpreter}"
+TEST_PATHS="${TEST_PATHS:-tests}"
+PYTEST_OPTS="${PYTEST_OPTS:--x -q}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-240}"
+RUN_BENCH="${RUN_BENCH:-1}"
+QUICK="${QUICK:-0}"
+BENCH_ARGS="${BENCH_ARGS:-}"
+BENCH_OUT="${BENCH_OUT:-bench_results}"
+TOTAL_BUDGET="${TOTAL_BUDGET:-560}"
+WHEELS_DIR="${WHEELS_DIR:-wheels}"
+export MAX_JOBS="${MAX_JOBS:-16}"
+export PYTHONUNBUFFERED=1
+export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # flashdecode importable without installing
+export FLASHINFER_WORKSPACE_BASE="${FLASHINFER_WORKSPACE_BASE:-/tmp/fd_flashinfer}"
+mkdir -p "$FLASHINFER_WORKSPACE_BASE" "$BENCH_OUT"
+
+LOG="${OUT:-$BENCH_OUT}/gpu_check.log"   # written live, so a killed call still leaves it
+mkdir -p "$(dirname "$LOG")"
+: > "$LOG"
+exec > >(tee -a "$LOG") 2>&1
+
+elapsed() { echo $(( $(date +%s) - START )); }
+section() { echo; echo "=== $* (t=$(elapsed)s) ==="; }
+
+section "machine"
+if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv,noheader \
+        || nvidia-smi -L || true
+else
+    echo "nvidia-smi: not found"
+fi
+"$PY" - <<'EOF' || echo "python/torch check failed"
+import sys, platform
+print("python", sys.version.split()[0], platform.machine())
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", torch.cuda.get_device_name(0), f"{p.total_memory / 2**30:.0f} GiB", f"SMs {p.multi_processor_count}",
+          f"cc {p.major}.{p.minor}", f"L2 {getattr(p, 'L2_cache_size', 0) / 2**20:.0f} MiB")
+for name in ("triton", "numpy", "transformers", "matplotlib", "flashinfer"):
+    try:
+        from importlib import metadata
+        dist = "flashinfer-python" if name == "flashinfer" else name
+        print(name, metadata.version(dist))
+    except Exception:
+        print(name, "not installed")
+EOF
+
+section "wheels"
+SITE=/tmp/fd_site
+pip_install() {  # pip_install FILE...: into the environment, else into $SITE (added to PYTHONPATH)
+    if "$PY" -m pip install -q --no-deps --no-index --no-compile "$@"; then
+        return 0
+    fi
+    echo "pip install into the environment failed; trying --target $SITE"
+    if "$PY" -m pip install -q --no-deps --no-index --no-compile --upgrade --target "$SITE" "$@"; then
+        case ":$PYTHONPATH:" in *":$SITE:"*) ;; *) export PYTHONPATH="$PYTHONPATH:$SITE" ;; esac
+        return 0
+    fi
+    echo "pip install failed (continuing without): $*"
+    return 1
+}
+shopt -s nullglob
+top_wheels=("$WHEELS_DIR"/*.whl)
+if [ ${#top_wheels[@]} -gt 0 ]; then
+    echo "installing: ${top_wheels[*]##*/}"
+    pip_install "${top_wheels[@]}" || true
+else
+    echo "no $WHEELS_DIR/*.whl (FlashInfer will be reported as not installed)"
+fi
+if ! "$PY" -c "import matplotlib" >/dev/null 2>&1; then
+    mpl=()
+    for w in "$WHEELS_DIR"/matplotlib/*.whl; do
+        base="${w##*/}"; dist="${base%%-*}"
+        case "$dist" in
+            python_dateutil) mod=dateutil ;; fonttools) mod=fontTools ;; pillow) mod=PIL ;; *) mod="$dist" ;;
+        esac
+        "$PY" -c "import $mod" >/dev/null 2>&1 || mpl+=("$w")
+    done
+    if [ ${#mpl[@]} -gt 0 ]; then
+        echo "matplotlib missing; installing: ${mpl[*]##*/}"
+        pip_install "${mpl[@]}" || true
+    else
+        echo "matplotlib missing and no $WHEELS_DIR/matplotlib/: the plot will be skipped"
+    fi
+fi
+shopt -u nullglob
+FI_PKG="$("$PY" -c "import importlib.util as u; s = u.find_spec('flashinfer'); print(s.submodule_search_locations[0] if s else '')" 2>/dev/null)"
+if [ -n "$FI_PKG" ] && [ -f "$WHEELS_DIR/flashinfer_jit_cache.tar.gz" ]; then
+    mkdir -p "$FI_PKG/data/aot" && tar -xzf "$WHEELS_DIR/flashinfer_jit_cache.tar.gz" -C "$FI_PKG/data/aot" \
+        && echo "FlashInfer: reusing compiled kernels: $(ls "$FI_PKG/data/aot" | tr '\n' ' ')" \
+        || echo "FlashInfer: could not unpack $WHEELS_DIR/flashinfer_jit_cache.tar.gz (will JIT-compile)"
+fi
+"$PY" -c "import flashinfer; print('flashinfer', flashinfer.__version__, 'imports')" 2>&1 | tail -1
+
+section "flashdecode import"
+"$PY" -c "import flashdecode, flashdecode.bench.cli; print('flashdecode', flashdecode.__version__, 'from', flashdecode.__file__)" \
+    || echo "flashdecode does not import: the tests and the benchmark will fail"
+git log -1 --format='commit %h %s' 2>/dev/null || true
+
+TEST_STATUS="not run"
+if [ "$RUN_TESTS" = "1" ]; then
+    section "GPU tests: pytest $PYTEST_OPTS $TEST_PATHS -m \"$TEST_SELECT\" (timeout ${TEST_TIMEOUT}s)"
+    # shellcheck disable=SC2086
+    FLASHDECODE_TEST_DEVICE=cuda timeout -s TERM -k 10 "$TEST_TIMEOUT" \
+        "$PY" -m pytest $PYTEST_OPTS $TEST_PATHS -m "$TEST_SELECT" -p no:cacheprovider
+    rc=$?
+    case $rc in
+        0) TEST_STATUS="passed" ;;
+        124|137) TEST_STATUS="TIMED OUT after ${TEST_TIMEOUT}s" ;;
+        5) TEST_STATUS="no tests selected" ;;
+        *) TEST_STATUS="FAILED (pytest exit $rc)" ;;
+    esac
+    echo "GPU tests: $TEST_STATUS"
+fi
+
+BENCH_STATUS="not run"
+if [ "$RUN_BENCH" = "1" ]; then
+    left=$(( TOTAL_BUDGET - $(elapsed) - 25 ))
+    [ "$left" -lt 60 ] && left=60
+    args=(--out "$BENCH_OUT" --budget "$left")
+    [ "$QUICK" = "1" ] && args+=(--quick)
+    section "benchmark: python -m flashdecode.bench ${args[*]} $BENCH_ARGS"
+    # shellcheck disable=SC2086
+    timeout -s TERM -k 15 $(( left + 20 )) "$PY" -m flashdecode.bench "${args[@]}" $BENCH_ARGS
+    rc=$?
+    case $rc in
+        0) BENCH_STATUS="complete" ;;
+        3) BENCH_STATUS="partial (stopped early; see its status line)" ;;
+        124|137) BENCH_STATUS="KILLED by timeout (partial results.json)" ;;
+        *) BENCH_STATUS="FAILED (exit $rc)" ;;
+    esac
+fi
+
+# FlashInfer's kernels compiled this run, packed for the next one (copy into wheels/ to reuse).
+JIT_TAR=""
+JIT_DIR="$(ls -d "$FLASHINFER_WORKSPACE_BASE"/.cache/flashinfer/*/*/cached_ops 2>/dev/null | head -1)"
+if [ -n "$JIT_DIR" ]; then
+    sos=$(cd "$JIT_DIR" && ls */*.so 2>/dev/null | awk -F/ '$1".so" == $2' | tr '\n' ' ')
+    if [ -n "$sos" ]; then
+        # shellcheck disable=SC2086
+        (cd "$JIT_DIR" && tar -czf /tmp/flashinfer_jit_cache.tar.gz $sos) \
+            && JIT_TAR=/tmp/flashinfer_jit_cache.tar.gz
+    fi
+fi
+
+if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT"
+    for f in results.json results.md table.txt bandwidth.png; do
+        [ -f "$BENCH_OUT/$f" ] && cp "$BENCH_OUT/$f" "$OUT/"
+    done
+    if [ -n "$JIT_TAR" ]; then
+        size=$(stat -c %s "$JIT_TAR")
+        if [ "$size" -lt 15000000 ]; then
+            cp "$JIT_TAR" "$OUT/" && echo "FlashInfer compiled kernels: \$OUT/flashinfer_jit_cache.tar.gz ($((size / 1000000)) MB)"
+        else
+            echo "FlashInfer compiled kernels: $((size / 1000000)) MB, too large to bring back; not copied"
+        fi
+    fi
+fi
+
+section "summary"
+echo "GPU tests: $TEST_STATUS"
+echo "benchmark: $BENCH_STATUS (results in $BENCH_OUT/${OUT:+, copied to \$OUT})"
+if [ -f "$BENCH_OUT/results.json" ]; then
+    "$PY" -m flashdecode.bench --summary "$BENCH_OUT/results.json" || true
+fi
+sleep 0.5  # let tee flush the log
+exit 0

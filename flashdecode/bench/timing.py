@@ -266,6 +266,18 @@ def measure_graph(fn, states, *, est_us: float, min_time_s: float, host_us: floa
     return t
 
 
+def _recover() -> None:
+    """After a failed capture: drain the queue and drop the graph's memory."""
+    try:
+        torch.cuda.synchronize()
+    except Exception:
+        pass
+    try:
+        torch.cuda.empty_cache()
+    except Exception:
+        pass
+
+
 def measure_do_bench(fn, states, *, host_us: float, quick: bool) -> Timing:
     import triton.testing  # noqa: PLC0415
 
@@ -297,13 +309,23 @@ def measure_cuda(fn: Callable[[Any], Any], states: Sequence[Any], *, timer: str 
     if timer == "do_bench":
         return measure_do_bench(fn, states, host_us=host_us, quick=quick)
     if timer in ("auto", "graph"):
-        try:
-            return measure_graph(fn, states, est_us=est, min_time_s=min_time_s, host_us=host_us)
-        except Exception as exc:  # capture not possible for this implementation: eager events instead
-            torch.cuda.synchronize()
-            notes.append(f"no graph ({type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''})")
-            if timer == "graph":
-                raise
+        for attempt in (1, 2):  # a second try: a lazy first-use initialisation may break the first capture
+            try:
+                return measure_graph(fn, states, est_us=est, min_time_s=min_time_s, host_us=host_us)
+            except Exception as exc:  # capture not possible for this implementation: eager events instead
+                _recover()
+                if attempt == 2:
+                    msg = str(exc).strip().splitlines()[0][:80] if str(exc).strip() else ""
+                    notes.append(f"no graph ({type(exc).__name__}: {msg})")
+                    if timer == "graph":
+                        raise
+                    break
+                try:
+                    for st in states:
+                        fn(st)
+                    torch.cuda.synchronize()
+                except Exception:
+                    _recover()
     syncs = call_synchronizes(fn, states)
     reps = int(min(max_reps, max(min_reps, min_time_s * 1e6 / max(est, 1.0))))
     t = measure_events(fn, states, reps=reps, host_us=host_us, syncs=syncs)

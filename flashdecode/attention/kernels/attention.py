@@ -71,25 +71,23 @@ def _key_tile(
     offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_P2)
     if TILE_IN_PAGE:
-        # The tile lies in one page (page_size % BLOCK_N == 0, tiles aligned to absolute slots).
+        # The tile lies in one page (page_size % BLOCK_N == 0, tiles aligned to absolute slots):
+        # one block-table read per tile.
         pidx = start // page_size
         if MASKED:
             page = tl.load(BT_ROW + pidx, mask=pidx < max_pages, other=-1)
         else:
             page = tl.load(BT_ROW + pidx)
-        page_ok = (page >= 0) & (page < num_pages)
-        in_page = (offs_n - pidx * page_size).to(tl.int64)
-        page64 = page.to(tl.int64)
-        row_ok = (offs_n >= 0) & page_ok
+        page = page + tl.zeros([BLOCK_N], dtype=tl.int32)
     else:
         pidx = offs_n // page_size
         if MASKED:
-            page = tl.load(BT_ROW + pidx, mask=(offs_n >= 0) & (pidx < max_pages), other=-1)
+            page = tl.load(BT_ROW + pidx, mask=pidx < max_pages, other=-1)
         else:
             page = tl.load(BT_ROW + pidx)
-        row_ok = (page >= 0) & (page < num_pages)
-        in_page = (offs_n - pidx * page_size).to(tl.int64)
-        page64 = page.to(tl.int64)
+    row_ok = (page >= 0) & (page < num_pages)
+    in_page = (offs_n - pidx * page_size).to(tl.int64)
+    page64 = page.to(tl.int64)
     if MASKED:
         key_ok = row_ok & (offs_n >= kv_lo) & (offs_n < kv_hi)
     else:

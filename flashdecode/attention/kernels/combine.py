@@ -45,7 +45,7 @@ def combine_splits_kernel(
     h_ok = offs_h < num_heads
     offs_s = tl.arange(0, SPLITS_P2)
     lse = tl.load(
-        LSE_PART + offs_s[:, None] * stride_ls + t * stride_lt + offs_h[None, :],
+        LSE_PART + offs_s.to(tl.int64)[:, None] * stride_ls + t * stride_lt + offs_h[None, :],
         mask=(offs_s < num_splits)[:, None] & h_ok[None, :],
         other=float("-inf"),
     )
@@ -57,13 +57,17 @@ def combine_splits_kernel(
     d_ok = offs_d < HEAD_DIM
     mask = h_ok[:, None] & d_ok[None, :]
     acc = tl.zeros([BLOCK_H, HEAD_DIM_P2], dtype=tl.float32)
+    # Pointers advance split by split (64-bit pointer arithmetic, no int32 product).
     p_rows = O_PART + t * stride_pt + offs_h[:, None] * stride_ph + offs_d[None, :]
-    for s in range(num_splits):
-        ls = tl.load(LSE_PART + s * stride_ls + t * stride_lt + offs_h, mask=h_ok, other=float("-inf"))
+    l_row = LSE_PART + t * stride_lt + offs_h
+    for _ in range(num_splits):
+        ls = tl.load(l_row, mask=h_ok, other=float("-inf"))
         w = tl.exp2(ls - m)
-        o = tl.load(p_rows + s * stride_ps, mask=mask, other=0.0)
+        o = tl.load(p_rows, mask=mask, other=0.0)
         # An empty split has w == 0; `where` also keeps it from spreading a stray NaN.
         acc += tl.where((w > 0.0)[:, None], w[:, None] * o, 0.0)
+        p_rows += stride_ps
+        l_row += stride_ls
 
     has_key = denom > 0.0
     out = acc / tl.where(has_key, denom, 1.0)[:, None]

@@ -1,0 +1,104 @@
+"""Unit tests of the launch heuristics (pure Python: no GPU, no Triton)."""
+
+from __future__ import annotations
+
+import pytest
+
+from flashdecode.attention import heuristics as hz
+
+H100_SMS = 132
+
+
+@pytest.mark.parametrize("d, want", [(1, 16), (8, 16), (16, 16), (64, 64), (80, 128), (96, 128), (128, 128), (200, 256), (256, 256)])
+def test_padded_head_dim(d, want):
+    assert hz.padded_head_dim(d) == want
+
+
+def test_padded_head_dim_rejects_zero():
+    with pytest.raises(ValueError):
+        hz.padded_head_dim(0)
+
+
+@pytest.mark.parametrize("d", [16, 32, 64, 80, 96, 128, 192, 256])
+@pytest.mark.parametrize("elem_bytes", [2, 4])
+@pytest.mark.parametrize("rows", [1, 4, 16, 17, 32, 64, 65, 4096 * 8])
+def test_tiles_are_valid_and_fit_shared_memory(d, elem_bytes, rows):
+    cfg = hz.choose_tiles(d, elem_bytes, rows)
+    for v in (cfg.block_m, cfg.block_n):
+        assert v >= 16 and v & (v - 1) == 0  # tl.dot needs powers of two >= 16
+    assert cfg.num_warps in (4, 8) and 1 <= cfg.num_stages <= 4
+    dp = hz.padded_head_dim(d)
+    smem = cfg.block_m * dp * elem_bytes + cfg.num_stages * 2 * cfg.block_n * dp * elem_bytes
+    assert smem <= hz.SMEM_BUDGET_BYTES
+    if rows <= 64:
+        assert cfg.block_m == max(16, hz.next_pow2(rows)) or elem_bytes == 4
+        assert cfg.block_m >= min(rows, 64) or elem_bytes == 4
+
+
+def test_decode_tiles_pack_the_group_into_one_mma_tile():
+    # 32/8 heads, Sq=1: 4 rows, padded to the smallest tl.dot M; K tiles ~16 KiB.
+    cfg = hz.choose_tiles(128, 2, 4)
+    assert (cfg.block_m, cfg.block_n) == (16, 64)
+    # MQA 32/1: 32 rows in one tile.
+    assert hz.choose_tiles(128, 2, 32).block_m == 32
+    # Prefill: large M tiles.
+    assert hz.choose_tiles(128, 2, 4096 * 4).block_m == 128
+
+
+@pytest.mark.parametrize("sq, group, bm, want", [(1, 4, 16, 1), (4, 4, 16, 1), (5, 4, 16, 2), (4096, 4, 128, 128), (0, 4, 16, 1)])
+def test_num_query_tiles(sq, group, bm, want):
+    assert hz.num_query_tiles(sq, group, bm) == want
+
+
+def test_explicit_split_count_is_honoured():
+    assert hz.choose_num_splits(1, 1, 8, 1, 131072, 64, H100_SMS) == 1
+    assert hz.choose_num_splits(7, 1, 8, 1, 131072, 64, H100_SMS) == 7
+    assert hz.choose_num_splits(7, 512, 8, 1, 131072, 64, H100_SMS) == 7  # even on a full grid
+    # More splits than key tiles would only add empty programs.
+    assert hz.choose_num_splits(50, 1, 8, 1, 128, 64, H100_SMS) == 2
+    assert hz.choose_num_splits(10**6, 1, 8, 1, 10**9, 64, H100_SMS) == hz.MAX_SPLITS
+
+
+def test_negative_split_count_is_rejected():
+    with pytest.raises(ValueError, match="num_splits"):
+        hz.choose_num_splits(-1, 1, 8, 1, 4096, 64, H100_SMS)
+
+
+def test_no_split_when_the_grid_fills_the_gpu():
+    assert hz.choose_num_splits(0, 32, 8, 1, 4096, 64, H100_SMS) == 1  # 256 programs
+    assert hz.choose_num_splits(0, 4, 8, 128, 4096, 64, H100_SMS) == 1  # prefill
+
+
+def test_no_split_for_tiny_caches():
+    assert hz.choose_num_splits(0, 1, 8, 1, 64, 64, H100_SMS) == 1
+    assert hz.choose_num_splits(0, 1, 8, 1, 100, 64, H100_SMS) == 1
+
+
+@pytest.mark.parametrize("batch, hk, keys", [(1, 8, 4096), (1, 8, 32768), (1, 8, 131072), (8, 8, 8192), (2, 1, 8192), (1, 1, 2048), (3, 3, 2048)])
+def test_split_heuristic_fills_the_gpu(batch, hk, keys):
+    block_n = 64
+    s = hz.choose_num_splits(0, batch, hk, 1, keys, block_n, H100_SMS)
+    programs = batch * hk * s
+    tiles = hz.cdiv(keys, block_n)
+    assert 1 < s <= hz.MAX_SPLITS
+    assert hz.cdiv(tiles, s) >= hz.MIN_TILES_PER_SPLIT or s == 1
+    assert programs <= 2 * H100_SMS + batch * hk  # at most ~two programs per SM
+    # Either every SM gets work in (almost) every wave, or the key tiles ran out first.
+    waves = programs / H100_SMS
+    efficiency = waves / hz.cdiv(programs, H100_SMS)
+    assert efficiency >= 0.75 or s >= tiles // hz.MIN_TILES_PER_SPLIT
+
+
+def test_split_heuristic_is_a_function_of_shapes_only():
+    # Same shapes, same answer: the grid never depends on the lengths inside the tensors.
+    a = [hz.choose_num_splits(0, 1, 8, 1, 4096, 64, H100_SMS) for _ in range(3)]
+    assert len(set(a)) == 1
+    # The interpreter/CPU path reports one SM: no split unless asked.
+    assert hz.choose_num_splits(0, 1, 1, 1, 4096, 64, 1) == 1
+
+
+def test_combine_block_h():
+    assert hz.combine_block_h(32, 128) == 32
+    assert hz.combine_block_h(9, 64) == 16
+    assert hz.combine_block_h(64, 256) == 16
+    assert hz.combine_block_h(1, 80) == 1

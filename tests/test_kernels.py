@@ -1,0 +1,560 @@
+"""Tests of the Triton kernels (`kernels/launch.py`) and of `merge_attention_states`.
+
+On a CPU machine the kernels run in the Triton interpreter (conftest sets ``TRITON_INTERPRET=1``
+before Triton is imported); shapes are tiny. With ``FLASHDECODE_TEST_DEVICE=cuda`` the same tests
+run the compiled kernels, and the ``gpu`` tests (CUDA graphs, >2^31-element caches) run too.
+
+Expected values come from a float64 brute force written here from the op contract, not from the
+code under test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from flashdecode.attention.merge import merge_attention_states
+from flashdecode.attention.problem import PackedProblem
+
+TOL = {torch.float32: (2e-4, 2e-4), torch.float16: (4e-3, 2e-3), torch.bfloat16: (3e-2, 1e-2)}  # (out, lse) atol
+
+
+def _launch():
+    from flashdecode.attention.kernels import launch
+
+    return launch
+
+
+# ---- building problems ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    q_lens: tuple[int, ...]
+    cache_lens: tuple[int, ...]  # absolute end slot of the existing cache, per sequence
+    new_lens: tuple[int, ...]
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 32
+    dtype: torch.dtype = torch.float16
+    page_size: int = 16
+    max_pages: int = 4
+    extra_pages: int = 3  # unused pages in the pool
+    contiguous: bool = False  # one page per sequence (page_size = S_cache), as the op packs it
+    leftpad: tuple[int, ...] | None = None
+    rotary_frac: float = 0.0
+    interleaved: bool = True
+    causal: bool = False
+    window: tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    alibi: bool = False
+    splits: tuple[int, ...] = (1, 2, 5)
+
+    @property
+    def batch(self) -> int:
+        return len(self.q_lens)
+
+
+def _randn(g: torch.Generator, *shape, dtype=torch.float32, device="cpu", scale=1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(device)
+
+
+def build(spec: Spec, device, seed: int = 0) -> PackedProblem:
+    g = torch.Generator().manual_seed(seed)
+    B, H, Hk, D, dt = spec.batch, spec.heads, spec.kv_heads, spec.head_dim, spec.dtype
+    page_size = spec.page_size
+    if spec.contiguous:
+        # A contiguous cache (B_cache, S_cache, Hk, D) is a pool of B_cache pages; the table picks
+        # rows in a shuffled order (cache_batch_idx).
+        max_pages, num_pages = 1, B + spec.extra_pages
+    else:
+        max_pages, num_pages = spec.max_pages, B * spec.max_pages + spec.extra_pages
+    perm = torch.randperm(num_pages, generator=g)
+    table = perm[: B * max_pages].reshape(B, max_pages).to(torch.int32)
+    # Strided pool views: the page axis of the underlying storage is padded.
+    k_store = _randn(g, num_pages, page_size, Hk, D + 8, dtype=dt, device=device)
+    v_store = _randn(g, num_pages, page_size, Hk, D + 8, dtype=dt, device=device)
+    k_pages, v_pages = k_store[..., :D], v_store[..., :D]
+
+    cu_q = torch.tensor([0, *torch.tensor(spec.q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(spec.new_lens).cumsum(0).tolist()], dtype=torch.int32)
+    total_q, total_new = int(cu_q[-1]), int(cu_k[-1])
+    q = _randn(g, total_q, H, D, dtype=dt, device=device)
+    k_new = _randn(g, total_new, Hk, D, dtype=dt, device=device) if any(spec.new_lens) else None
+    v_new = _randn(g, total_new, Hk, D, dtype=dt, device=device) if any(spec.new_lens) else None
+    rd = 2 * int(spec.rotary_frac * D / 2)
+    cos = sin = None
+    if rd and k_new is not None:
+        theta = torch.rand(max(spec.cache_lens) + max(spec.q_lens) + max(spec.new_lens) + 4, rd // 2, generator=g) * 6.3
+        cos, sin = theta.cos().to(dt).to(device), theta.sin().to(dt).to(device)
+    leftpad = spec.leftpad or (0,) * B
+    rotary_seqlens = torch.tensor(spec.cache_lens, dtype=torch.int32) + 1  # differs from cache_seqlens
+    alibi = (torch.rand(B, H, generator=g) * 0.3).to(device) if spec.alibi else None
+    i32 = dict(dtype=torch.int32, device=device)
+    return PackedProblem(
+        q=q, k_pages=k_pages, v_pages=v_pages, block_table=table.to(device),
+        cu_seqlens_q=cu_q.to(device), max_seqlen_q=max(spec.q_lens),
+        cache_seqlens=torch.tensor(spec.cache_lens, **i32), cache_leftpad=torch.tensor(leftpad, **i32),
+        k_new=k_new, v_new=v_new, cu_seqlens_k_new=cu_k.to(device), max_seqlen_k_new=max(spec.new_lens),
+        rotary_cos=cos, rotary_sin=sin, rotary_interleaved=spec.interleaved,
+        rotary_seqlens=rotary_seqlens.to(device), softmax_scale=D**-0.5 * 1.3, causal=spec.causal,
+        window_left=spec.window[0], window_right=0 if spec.causal else spec.window[1],
+        softcap=spec.softcap, alibi_slopes=alibi, num_splits=1,
+    )
+
+
+def with_fresh_cache(p: PackedProblem, num_splits: int) -> PackedProblem:
+    """A copy of `p` with its own cache pages (the op appends in place), same strides."""
+    k = torch.empty_strided(p.k_pages.shape, p.k_pages.stride(), dtype=p.k_pages.dtype, device=p.k_pages.device)
+    v = torch.empty_strided(p.v_pages.shape, p.v_pages.stride(), dtype=p.v_pages.dtype, device=p.v_pages.device)
+    k.copy_(p.k_pages)
+    v.copy_(p.v_pages)
+    return dataclasses.replace(p, k_pages=k, v_pages=v, num_splits=num_splits)
+
+
+def run_triton(p: PackedProblem, num_splits: int):
+    p = with_fresh_cache(p, num_splits)
+    total_q, H, D = p.q.shape
+    out = torch.full((total_q, H, D), float("nan"), dtype=p.q.dtype, device=p.q.device)
+    lse = torch.full((H, total_q), float("nan"), dtype=torch.float32, device=p.q.device)
+    _launch().triton_forward(p, out, lse)
+    return out, lse, p.k_pages, p.v_pages
+
+
+# ---- independent float64 brute force -------------------------------------------------------
+
+
+def _rotate64(x: torch.Tensor, cos_row: torch.Tensor, sin_row: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x (..., D) float64 rotated by one table row; explicit channel pairs."""
+    y = x.clone()
+    half = cos_row.shape[0]
+    for c in range(half):
+        a, b = (2 * c, 2 * c + 1) if interleaved else (c, c + half)
+        y[..., a] = x[..., a] * cos_row[c] - x[..., b] * sin_row[c]
+        y[..., b] = x[..., a] * sin_row[c] + x[..., b] * cos_row[c]
+    return y
+
+
+def brute_force(p: PackedProblem):
+    """(out (total_q, H, D), lse (H, total_q), k_pages, v_pages) in float64 after the append."""
+    kp = p.k_pages.detach().cpu().double().clone()
+    vp = p.v_pages.detach().cpu().double().clone()
+    q_all = p.q.detach().cpu().double()
+    total_q, H, D = q_all.shape
+    Hk = kp.shape[2]
+    ps = kp.shape[1]
+    table = p.block_table.cpu().tolist()
+    cu_q, cu_k = p.cu_seqlens_q.cpu().tolist(), p.cu_seqlens_k_new.cpu().tolist()
+    lens, lefts, rot0 = p.cache_seqlens.cpu().tolist(), p.cache_leftpad.cpu().tolist(), p.rotary_seqlens.cpu().tolist()
+    cos = None if p.rotary_cos is None else p.rotary_cos.cpu().double()
+    sin = None if p.rotary_sin is None else p.rotary_sin.cpu().double()
+
+    def where(b, t):
+        return table[b][t // ps], t % ps
+
+    for b in range(p.batch):
+        for j in range(cu_k[b + 1] - cu_k[b]):
+            k = p.k_new[cu_k[b] + j].cpu().double()
+            if cos is not None:
+                k = _rotate64(k, cos[rot0[b] + j], sin[rot0[b] + j], p.rotary_interleaved)
+            page, off = where(b, lens[b] + j)
+            kp[page, off] = k
+            vp[page, off] = p.v_new[cu_k[b] + j].cpu().double()
+
+    out = torch.zeros(total_q, H, D, dtype=torch.float64)
+    lse = torch.full((H, total_q), math.inf, dtype=torch.float64)
+    group = H // Hk
+    for b in range(p.batch):
+        sq = cu_q[b + 1] - cu_q[b]
+        end = lens[b] + cu_k[b + 1] - cu_k[b]
+        sk = end - lefts[b]
+        slots = list(range(lefts[b], end))
+        if not slots:
+            continue
+        keys = torch.stack([kp[where(b, t)] for t in slots])  # (sk, Hk, D)
+        vals = torch.stack([vp[where(b, t)] for t in slots])
+        for i in range(sq):
+            qi = q_all[cu_q[b] + i]
+            if cos is not None:
+                r = rot0[b] + (i if (p.causal or p.local) else 0)
+                qi = _rotate64(qi, cos[r], sin[r], p.rotary_interleaved)
+            for h in range(H):
+                kh = h // group
+                s = (keys[:, kh] @ qi[h]) * p.softmax_scale
+                if p.softcap > 0:
+                    s = p.softcap * torch.tanh(s / p.softcap)
+                j = torch.arange(sk, dtype=torch.float64)
+                if p.alibi_slopes is not None:
+                    s = s - float(p.alibi_slopes[b, h]) * (i + sk - sq - j).abs()
+                ok = torch.ones(sk, dtype=torch.bool)
+                if p.window_right >= 0:
+                    ok &= j <= i + sk - sq + p.window_right
+                if p.window_left >= 0:
+                    ok &= j >= i + sk - sq - p.window_left
+                if not ok.any():
+                    continue
+                s = s[ok]
+                m = s.max()
+                w = torch.exp(s - m)
+                out[cu_q[b] + i, h] = (w[:, None] * vals[:, kh][ok]).sum(0) / w.sum()
+                lse[h, cu_q[b] + i] = m + torch.log(w.sum())
+    return out, lse, kp, vp
+
+
+def assert_close_attention(out, lse, want_out, want_lse, dt, what=""):
+    atol_o, atol_l = TOL[dt]
+    out, lse = out.detach().cpu(), lse.detach().cpu()
+    assert not out.isnan().any(), f"{what}: NaN in out (unwritten rows?)"
+    assert not lse.isnan().any(), f"{what}: NaN in lse"
+    empty = torch.isinf(want_lse)
+    assert torch.equal(torch.isinf(lse) & (lse > 0), empty), f"{what}: +inf lse rows differ"
+    assert (out.double()[empty.T] == 0).all(), f"{what}: rows with no key must be 0"
+    err_o = (out.double() - want_out).abs().max().item()
+    err_l = (lse.double() - want_lse).masked_fill(empty, 0).abs().max().item()
+    assert err_o <= atol_o, f"{what}: out error {err_o} > {atol_o}"
+    assert err_l <= atol_l, f"{what}: lse error {err_l} > {atol_l}"
+
+
+# ---- interpreter-sized cases ---------------------------------------------------------------
+
+SPECS = [
+    # Decode, GQA 4:1, page 3 (tiles straddle pages), D=80 padded to 128, append with rotary on
+    # half the channels, causal, bf16.
+    Spec("decode-gqa-page3-d80-rot", q_lens=(1, 1, 1), cache_lens=(7, 0, 150), new_lens=(1, 1, 1), heads=8, kv_heads=2,
+         head_dim=80, dtype=torch.bfloat16, page_size=3, max_pages=60, rotary_frac=0.5, causal=True),
+    # Speculative decoding, MQA, varlen queries incl. an empty sequence, rows with no visible key
+    # (Sq > Sk under causal), page aligned to the key tile (one block-table read per tile).
+    Spec("spec-mqa-varlen-aligned", q_lens=(3, 0, 2, 4), cache_lens=(300, 5, 170, 1), new_lens=(0, 0, 0, 0), heads=4,
+         kv_heads=1, head_dim=32, page_size=128, max_pages=4, causal=True),
+    # Contiguous cache (one page per sequence, shuffled rows), leftpad, ALiBi, local window, fp32.
+    Spec("contig-leftpad-alibi-window-fp32", q_lens=(2, 3), cache_lens=(140, 133), new_lens=(2, 1), heads=4, kv_heads=2,
+         head_dim=16, dtype=torch.float32, page_size=200, contiguous=True, leftpad=(5, 70), alibi=True, window=(90, 1),
+         rotary_frac=1.0, interleaved=False),
+    # Softcap, non-interleaved full rotary, several new keys, left window only, non-causal.
+    Spec("softcap-rot-noninterleaved", q_lens=(2, 1), cache_lens=(200, 290), new_lens=(3, 2), heads=6, kv_heads=3,
+         head_dim=64, dtype=torch.bfloat16, page_size=16, max_pages=20, rotary_frac=1.0, interleaved=False,
+         softcap=3.0, window=(250, -1)),
+    # Chunked prefill: many query rows (several M tiles), causal, keys partly in the cache, tiles
+    # fully masked for early rows are skipped.
+    Spec("prefill-causal-multitile", q_lens=(70, 9), cache_lens=(12, 0), new_lens=(70, 9), heads=2, kv_heads=1,
+         head_dim=16, page_size=64, max_pages=3, causal=True, splits=(1, 3)),
+    # Sliding-window prefill: the left edge of the window moves across each M tile.
+    # Tiles of 64 query positions: some key tiles are fully visible (unmasked), some not.
+    Spec("prefill-sliding-window", q_lens=(150,), cache_lens=(100,), new_lens=(150,), heads=2, kv_heads=1,
+         head_dim=16, page_size=32, max_pages=8, causal=True, window=(200, 0), splits=(1, 2)),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_kernels_match_brute_force_for_every_split_count(spec, device):
+    p = build(spec, device)
+    want_out, want_lse, want_k, want_v = brute_force(p)
+    results = {}
+    for n in spec.splits:
+        if n > 1:  # the case is big enough for the split count to take effect
+            assert _launch()._plan(dataclasses.replace(p, num_splits=n))[2] > 1
+        out, lse, kc, vc = run_triton(p, n)
+        assert_close_attention(out, lse, want_out, want_lse, spec.dtype, f"{spec.name} splits={n}")
+        results[n] = (out, lse)
+        # The cache after the append: v bit-exact, k the rotated key rounded once, and nothing
+        # else touched.
+        assert torch.equal(vc.cpu().double(), want_v), "v cache differs"
+        k_err = (kc.cpu().double() - want_k).abs()
+        k_tol = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[spec.dtype]
+        assert (k_err <= k_tol * want_k.abs().clamp(min=1)).all(), f"k cache error {k_err.max().item()}"
+        written = (want_k != p.k_pages.cpu().double()).any(-1).any(-1)
+        assert torch.equal(kc.cpu()[~written], p.k_pages.cpu()[~written]), "slots outside the append changed"
+    # Split counts agree with each other within rounding of the output dtype.
+    base_out, base_lse = results[spec.splits[0]]
+    for n, (out, lse) in results.items():
+        fin = torch.isfinite(base_lse)
+        assert torch.equal(torch.isfinite(lse), fin)
+        assert (lse[fin] - base_lse[fin]).abs().max().item() <= 1e-4 if fin.any() else True
+        assert (out.float() - base_out.float()).abs().max().item() <= 2 * TOL[spec.dtype][0]
+
+
+@pytest.mark.interpreter
+def test_no_write_and_no_read_outside_the_pool_with_bad_lengths(device):
+    """During CUDA-graph capture the host checks are skipped: bad lengths and block-table entries
+    must neither write outside the pages nor read pages outside the pool."""
+    spec = Spec("bad", q_lens=(1, 2), cache_lens=(30, 5), new_lens=(4, 3), head_dim=16, page_size=8, max_pages=4,
+                extra_pages=1)
+    p = build(spec, device, seed=3)
+    num_pages, max_pages = p.k_pages.shape[0], p.block_table.shape[1]
+    # The pool is a window of a larger buffer; its guard pages hold NaN, which would reach the
+    # output if a kernel read them, and must stay NaN (bitwise) if nothing writes there.
+    big_k = torch.full((num_pages + 4, *p.k_pages.shape[1:]), float("nan"), dtype=spec.dtype, device=device)
+    big_v = big_k.clone()
+    big_k[2:-2].copy_(p.k_pages)
+    big_v[2:-2].copy_(p.v_pages)
+    # The block table is a view whose row continues with a valid page id: an append past the
+    # capacity that did not check it would land there.
+    table_store = torch.full((p.batch, max_pages + 2), num_pages - 1, dtype=torch.int32, device=device)
+    table_store[:, :max_pages] = p.block_table
+    table = table_store[:, :max_pages]
+    table[0, 1] = -1  # slots 8..15 of sequence 0 point before the pool
+    table[1, 0] = num_pages + 1  # slots 0..7 of sequence 1 point past it
+    p = dataclasses.replace(
+        p, k_pages=big_k[2:-2], v_pages=big_v[2:-2], block_table=table,
+        # Sequence 0 appends at slots 30..33: 32 and 33 are past the capacity (32 slots); sequence
+        # 1 appends at 5..7, in its invalid page; its leftpad is negative.
+        cache_leftpad=torch.tensor([0, -3], dtype=torch.int32, device=device),
+    )
+    before_k, before_v = big_k.clone(), big_v.clone()
+    expected_k, expected_v = big_k.clone(), big_v.clone()
+    page, (k0, k1) = 2 + int(table[0, 3]), (p.k_new[0], p.k_new[1])
+    expected_v[page, 6], expected_v[page, 7] = p.v_new[0], p.v_new[1]
+    for n in (1, 3):
+        big_k.copy_(before_k), big_v.copy_(before_v)
+        out = torch.full(p.q.shape, float("nan"), dtype=p.q.dtype, device=device)
+        lse = torch.full((p.q.shape[1], p.q.shape[0]), float("nan"), device=device)
+        _launch().triton_forward(dataclasses.replace(p, num_splits=n), out, lse)
+        assert not out.isnan().any() and not lse.isnan().any(), "read a page outside the pool"
+        # Only slots 30 and 31 of sequence 0 are written (k rotated? no rotary here: exact).
+        expected_k[page, 6], expected_k[page, 7] = k0, k1
+        for got, want in ((big_k, expected_k), (big_v, expected_v)):
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16)), "wrote outside the valid slots"
+
+
+# ---- merge_attention_states ----------------------------------------------------------------
+
+
+def _attn64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """q (N, H, D), k/v (N, S, H, D) float64 -> out (N, H, D), lse (N, H); +inf and 0 if S == 0."""
+    if k.shape[1] == 0:
+        return torch.zeros_like(q), torch.full(q.shape[:2], math.inf, dtype=torch.float64)
+    s = torch.einsum("nhd,nshd->nhs", q, k) * scale
+    lse = torch.logsumexp(s, -1)
+    return torch.einsum("nhs,nshd->nhd", torch.exp(s - lse[..., None]), v), lse
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("layout", ["batched", "packed"])
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+def test_merge_equals_attention_over_concatenated_keys(backend, layout, dt, device, monkeypatch):
+    monkeypatch.setenv("FLASHDECODE_BACKEND", "triton" if backend == "triton" else "reference")
+    g = torch.Generator().manual_seed(5)
+    B, S, H, D, La, Lb = 2, 3, 5, 40, 7, 12
+    N = B * S
+    f64 = dict(generator=g, dtype=torch.float64)
+    q = torch.randn(N, H, D, **f64)
+    ka, va = torch.randn(N, La, H, D, **f64), torch.randn(N, La, H, D, **f64)
+    kb, vb = torch.randn(N, Lb, H, D, **f64), torch.randn(N, Lb, H, D, **f64)
+    scale = D**-0.5
+    # Row 0: side a saw no key; row 1: side b saw none (-inf, also accepted); row 2: neither.
+    a_empty, b_empty = [0, 2], [1, 2]
+    oa, la = _attn64(q, ka, va, scale)
+    ob, lb = _attn64(q, kb, vb, scale)
+    oa[a_empty] = torch.randn(2, H, D, **f64)  # ignored: its lse says "empty"
+    la[a_empty] = math.inf
+    ob[b_empty] = torch.randn(2, H, D, **f64)
+    lb[1], lb[2] = -math.inf, math.inf
+    want_o, want_l = _attn64(q, torch.cat([ka, kb], 1), torch.cat([va, vb], 1), scale)
+    want_o[0], want_l[0] = _attn64(q[:1], kb[:1], vb[:1], scale)[0][0], _attn64(q[:1], kb[:1], vb[:1], scale)[1][0]
+    want_o[1], want_l[1] = _attn64(q[1:2], ka[1:2], va[1:2], scale)[0][0], _attn64(q[1:2], ka[1:2], va[1:2], scale)[1][0]
+    want_o[2], want_l[2] = 0.0, math.inf
+
+    if layout == "batched":  # out (B, S, H, D), lse (B, H, S)
+        to_o = lambda o: o.reshape(B, S, H, D).to(dt).to(device)  # noqa: E731
+        to_l = lambda lse: lse.reshape(B, S, H).transpose(1, 2).float().contiguous().to(device)  # noqa: E731
+    else:  # out (T, H, D), lse (H, T)
+        to_o = lambda o: o.to(dt).to(device)  # noqa: E731
+        to_l = lambda lse: lse.T.float().contiguous().to(device)  # noqa: E731
+    out, lse = merge_attention_states(to_o(oa), to_l(la), to_o(ob), to_l(lb))
+    assert out.dtype == dt and lse.dtype == torch.float32
+    assert out.shape == to_o(oa).shape and lse.shape == to_l(la).shape
+    out = out.reshape(N, H, D).cpu().double()
+    lse = (lse.transpose(1, 2) if layout == "batched" else lse.T).reshape(N, H).cpu().double()
+    assert torch.isinf(lse[2]).all() and (lse[2] > 0).all() and (out[2] == 0).all()
+    atol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}[dt]
+    assert (out - want_o).abs().max().item() <= atol
+    fin = torch.isfinite(want_l)
+    assert torch.equal(fin, torch.isfinite(lse))
+    assert (lse[fin] - want_l[fin]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.interpreter
+def test_merge_of_two_kernel_calls_equals_one_call_over_both_caches(device):
+    """A shared prefix and a per-request suffix attended separately, then merged."""
+    spec = Spec("merge-e2e", q_lens=(2, 1), cache_lens=(21, 9), new_lens=(0, 0), heads=4, kv_heads=2, head_dim=32,
+                dtype=torch.float16, page_size=4, max_pages=8)
+    full = build(spec, device, seed=11)
+    want_out, want_lse, _, _ = brute_force(full)
+    # Prefix = slots [0, 10) (leftpad 0, end 10); suffix = slots [10, end) via leftpad.
+    seqlens = full.cache_seqlens
+    prefix = dataclasses.replace(full, cache_seqlens=torch.minimum(seqlens, torch.full_like(seqlens, 10)))
+    suffix = dataclasses.replace(full, cache_leftpad=torch.minimum(seqlens, torch.full_like(seqlens, 10)))
+    # The prefix call must not apply a causal shift relative to the full length: non-causal here.
+    oa, la, _, _ = run_triton(prefix, 1)
+    ob, lb, _, _ = run_triton(suffix, 2)
+    out, lse = merge_attention_states(oa, la, ob, lb)
+    assert_close_attention(out, lse, want_out, want_lse, spec.dtype, "merged")
+
+
+def test_merge_validates_arguments():
+    o = torch.randn(2, 3, 4, 8)
+    lse = torch.randn(2, 4, 3)
+    with pytest.raises(TypeError, match="out_a"):
+        merge_attention_states(o.numpy(), lse, o, lse)
+    with pytest.raises(TypeError, match="lse_b"):
+        merge_attention_states(o, lse, o, lse.double())
+    with pytest.raises(TypeError, match="out_b"):
+        merge_attention_states(o, lse, o.half(), lse)
+    with pytest.raises(TypeError, match="out_a"):
+        merge_attention_states(o.int(), lse, o.int(), lse)
+    with pytest.raises(ValueError, match="out_b"):
+        merge_attention_states(o, lse, o[:1], lse)
+    with pytest.raises(ValueError, match="lse_a"):
+        merge_attention_states(o, lse.transpose(1, 2), o, lse)
+    with pytest.raises(ValueError, match="out_a"):
+        merge_attention_states(o[0, 0], lse, o[0, 0], lse)
+    with pytest.raises(ValueError, match="lse_b"):
+        merge_attention_states(o[0], lse[0], o[0], lse[0, :, :2])
+
+
+# ---- GPU only ------------------------------------------------------------------------------
+
+
+def _decode_problem(g, device, *, B=4, H=8, Hk=2, D=128, page_size=16, max_pages=64, num_splits=0):
+    num_pages = B * max_pages + 5
+    dt = torch.bfloat16
+    table = torch.randperm(num_pages, generator=g)[: B * max_pages].reshape(B, max_pages).int()
+    cos_sin = torch.rand(max_pages * page_size + 2, D // 4, generator=g) * 6.3
+    return PackedProblem(
+        q=_randn(g, B, H, D, dtype=dt, device=device),
+        k_pages=_randn(g, num_pages, page_size, Hk, D, dtype=dt, device=device),
+        v_pages=_randn(g, num_pages, page_size, Hk, D, dtype=dt, device=device),
+        block_table=table.to(device),
+        cu_seqlens_q=torch.arange(B + 1, dtype=torch.int32, device=device), max_seqlen_q=1,
+        cache_seqlens=torch.randint(1, max_pages * page_size - 1, (B,), generator=g).int().to(device),
+        cache_leftpad=torch.zeros(B, dtype=torch.int32, device=device),
+        k_new=_randn(g, B, Hk, D, dtype=dt, device=device), v_new=_randn(g, B, Hk, D, dtype=dt, device=device),
+        cu_seqlens_k_new=torch.arange(B + 1, dtype=torch.int32, device=device), max_seqlen_k_new=1,
+        rotary_cos=cos_sin.cos().to(dt).to(device), rotary_sin=cos_sin.sin().to(dt).to(device),
+        rotary_interleaved=False, rotary_seqlens=torch.zeros(B, dtype=torch.int32, device=device),
+        softmax_scale=D**-0.5, causal=True, window_left=-1, window_right=0, softcap=0.0, alibi_slopes=None,
+        num_splits=num_splits,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [0, 1, 3])
+def test_cuda_graph_replay_equals_eager(num_splits):
+    device = torch.device("cuda")
+    launch = _launch()
+    g = torch.Generator().manual_seed(21)
+    p = _decode_problem(g, device, num_splits=num_splits)
+    out = torch.empty_like(p.q)
+    lse = torch.empty(p.q.shape[1], p.q.shape[0], device=device)
+    # Warm up (compiles) on a side stream, then capture one decode step.
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        launch.triton_forward(p, out, lse)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launch.triton_forward(p, out, lse)
+
+    for step in range(3):
+        # New lengths, new cache contents, new inputs, written in place into the static tensors.
+        p.cache_seqlens.copy_(torch.randint(0, 64 * 16 - 1, (p.batch,), generator=g).int())
+        p.rotary_seqlens.copy_(p.cache_seqlens)
+        p.k_pages.copy_(_randn(g, *p.k_pages.shape, dtype=p.k_pages.dtype))
+        p.v_pages.copy_(_randn(g, *p.v_pages.shape, dtype=p.v_pages.dtype))
+        for t in (p.q, p.k_new, p.v_new):
+            t.copy_(_randn(g, *t.shape, dtype=t.dtype))
+        want_out, want_lse, _, _ = brute_force(p)
+        eager = with_fresh_cache(p, p.num_splits)
+        out_e = torch.full_like(out, float("nan"))
+        lse_e = torch.full_like(lse, float("nan"))
+        launch.triton_forward(eager, out_e, lse_e)
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, out_e), f"step {step}: graph output differs from eager"
+        assert torch.equal(lse, lse_e)
+        assert torch.equal(p.k_pages, eager.k_pages) and torch.equal(p.v_pages, eager.v_pages)
+        assert_close_attention(out, lse, want_out, want_lse, torch.bfloat16, f"graph step {step}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["paged", "contiguous"])
+def test_cache_with_more_than_2_31_elements(layout):
+    """Offsets past 2^31 elements: pages/rows at the top of a ~2.2e9-element pool."""
+    device = torch.device("cuda")
+    free, _ = torch.cuda.mem_get_info()
+    dt, Hk, D, H = torch.bfloat16, 2, 128, 8
+    if layout == "paged":
+        page_size = 16
+        num_pages = (2**31 // (page_size * Hk * D)) * 21 // 20  # ~1.05 * 2^31 elements
+        max_pages = 6
+    else:
+        page_size = (2**31 // (Hk * D)) * 11 // 20  # two rows of ~0.55 * 2^31 elements
+        num_pages, max_pages = 2, 1
+    need = 2 * num_pages * page_size * Hk * D * 2
+    if free < need * 1.2:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB free")
+    g = torch.Generator().manual_seed(7)
+    k_pages = torch.empty(num_pages, page_size, Hk, D, dtype=dt, device=device)
+    v_pages = torch.empty_like(k_pages)
+    if layout == "paged":
+        table = torch.tensor([[num_pages - 1, num_pages - 7, num_pages - 3, num_pages - 2, num_pages - 5, num_pages - 4],
+                              [num_pages - 6, 1, num_pages - 8, 0, 5, num_pages - 9]], dtype=torch.int32)
+        lens = [90, 70]
+    else:
+        table = torch.tensor([[1], [0]], dtype=torch.int32)
+        lens = [page_size - 2, 50]  # sequence 0 reads the end of row 1, ~2.3e9 elements in
+    B = 2
+    for b in range(B):  # fill only what is read, with fresh random values
+        for t in range(max(0, lens[b] - 300), lens[b] + 1):
+            page, off = int(table[b, t // page_size]), t % page_size
+            k_pages[page, off] = _randn(g, Hk, D, dtype=dt, device=device)
+            v_pages[page, off] = _randn(g, Hk, D, dtype=dt, device=device)
+    leftpad = torch.tensor([max(0, n - 300) for n in lens], dtype=torch.int32, device=device)
+    p = PackedProblem(
+        q=_randn(g, B, H, D, dtype=dt, device=device), k_pages=k_pages, v_pages=v_pages, block_table=table.to(device),
+        cu_seqlens_q=torch.arange(B + 1, dtype=torch.int32, device=device), max_seqlen_q=1,
+        cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=device), cache_leftpad=leftpad,
+        k_new=_randn(g, B, Hk, D, dtype=dt, device=device), v_new=_randn(g, B, Hk, D, dtype=dt, device=device),
+        cu_seqlens_k_new=torch.arange(B + 1, dtype=torch.int32, device=device), max_seqlen_k_new=1,
+        rotary_cos=None, rotary_sin=None, rotary_interleaved=True,
+        rotary_seqlens=torch.tensor(lens, dtype=torch.int32, device=device), softmax_scale=D**-0.5, causal=True,
+        window_left=-1, window_right=0, softcap=0.0, alibi_slopes=None, num_splits=3,
+    )
+    twin = _compact(p)  # small copy of what is read, for the brute force (before the append)
+    out = torch.full_like(p.q, float("nan"))
+    lse = torch.full((H, B), float("nan"), device=device)
+    _launch().triton_forward(p, out, lse)
+    want_out, want_lse, _, _ = brute_force(twin)
+    assert_close_attention(out, lse, want_out, want_lse, dt, f"{layout} >2^31")
+    for b in range(B):  # the appended key/value landed at the high address
+        page, off = int(table[b, lens[b] // page_size]), lens[b] % page_size
+        assert torch.equal(v_pages[page, off], p.v_new[b])
+
+
+def _compact(p: PackedProblem) -> PackedProblem:
+    """The same problem over a small pool: one page per sequence holding its valid slots (and room
+    for the append), so that the brute force does not copy a huge cache to the host."""
+    lens, lefts = p.cache_seqlens.tolist(), p.cache_leftpad.tolist()
+    news = (p.cu_seqlens_k_new[1:] - p.cu_seqlens_k_new[:-1]).tolist()
+    size = max(n - lp + m for n, lp, m in zip(lens, lefts, news))
+    k = torch.randn(p.batch, size, *p.k_pages.shape[2:]).to(p.k_pages)
+    v = torch.randn(p.batch, size, *p.v_pages.shape[2:]).to(p.v_pages)
+    for b in range(p.batch):
+        for t in range(lefts[b], lens[b]):
+            page, off = int(p.block_table[b, t // p.page_size]), t % p.page_size
+            k[b, t - lefts[b]], v[b, t - lefts[b]] = p.k_pages[page, off], p.v_pages[page, off]
+    dev = p.q.device
+    return dataclasses.replace(
+        p, k_pages=k, v_pages=v, block_table=torch.arange(p.batch, dtype=torch.int32, device=dev).reshape(-1, 1),
+        cache_seqlens=p.cache_seqlens - p.cache_leftpad, cache_leftpad=torch.zeros_like(p.cache_leftpad),
+    )

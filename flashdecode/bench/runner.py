@@ -290,13 +290,13 @@ def _log_row(row: dict[str, Any], log: Callable[[str], None]) -> None:
 
 
 def run_shape(index: int, total: int, shape: Shape, peers: list[Peer], device: torch.device, opts: Options,
-              results: dict[str, Any], deadline: float | None, log: Callable[[str], None]) -> None:
+              results: dict[str, Any], deadline: float | None, log: Callable[[str], None], label: str = "") -> None:
     ceiling = (results.get("ceilings") or {}).get("read_gbs")
     set_bytes = 2 * shape.batch * shape.seqlen * shape.heads_kv * shape.head_dim * shape.elem_bytes + \
         shape.batch * shape.seqlen_q * shape.heads_q * shape.head_dim * shape.elem_bytes
     copies = copies_needed(set_bytes, l2_bytes(device)) if device.type == "cuda" else 1
     desc = f"K+V {shape.kv_bytes() / 1e6:.1f} MB" if shape.memory_bound else f"{shape.flops() / 1e12:.2f} TFLOP"
-    log(f"[{index}/{total}] {shape.name}  ({desc}, {copies} input cop{'y' if copies == 1 else 'ies'}, "
+    log(f"{label}[{index}/{total}] {shape.name}  ({desc}, {copies} input cop{'y' if copies == 1 else 'ies'}, "
         f"elapsed {time.monotonic() - results['_t0']:.0f}s)")
     rows_before = len(results["rows"])
     problems = ref = None
@@ -420,9 +420,19 @@ def run(opts: Options, log: Callable[[str], None] = print, peers: list[Peer] | N
         log("ceilings:")
         ceil_bytes = int(opts.ceiling_gb * 1e9) if device.type == "cuda" else None
         results["ceilings"] = measure_ceilings(device, size_bytes=ceil_bytes, quick=opts.quick, log=log).as_dict()
-        for i, shape in enumerate(shapes, 1):
-            run_shape(i, len(shapes), shape, peers, device, opts, results, deadline, log)
-            _write_partial(results, json_path)
+        # Phase 1: every shape with the implementations that start at once; phase 2: the ones that
+        # compile on first use (FlexAttention, FlashInfer), so a tight budget still gets the core table.
+        fast = [p for p in peers if p.name not in SLOW_TO_BUILD]
+        slow = [p for p in peers if p.name in SLOW_TO_BUILD]
+        phases = [(fast, "")] + ([(slow, f"phase 2 ({', '.join(p.name for p in slow)}) ")] if slow and fast else []) \
+            if fast else [(slow, "")]
+        for phase_peers, label in phases:
+            todo = [s for s in shapes if any(p.applies(s) for p in phase_peers)]
+            if label and todo:
+                log(f"{label.strip()}: {len(todo)} shapes")
+            for i, shape in enumerate(todo, 1):
+                run_shape(i, len(todo), shape, phase_peers, device, opts, results, deadline, log, label)
+                _write_partial(results, json_path)
         results["status"] = "complete"
     except (Interrupted, KeyboardInterrupt) as exc:
         results["status"] = f"interrupted ({exc or 'Ctrl-C'}): partial results"
@@ -449,6 +459,9 @@ def run(opts: Options, log: Callable[[str], None] = print, peers: list[Peer] | N
                 row = base_row(shape, p.name, p.group)
                 row.update(status="skipped", reason="skipped: run stopped before this row")
                 results["rows"].append(row)
+    order = {s.name: i for i, s in enumerate(shapes)}
+    impl_order = {p.name: i for i, p in enumerate(peers)}
+    results["rows"].sort(key=lambda r: (order.get(r["shape"], len(order)), impl_order.get(r["impl"], len(impl_order))))
     results["elapsed_s"] = round(time.monotonic() - t0, 1)
     results.pop("_t0", None)
     return results

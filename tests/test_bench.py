@@ -203,6 +203,13 @@ def test_compare_flags_wrong_and_nan():
     bad[0, 0, 0, 0] = float("nan")
     assert not compare(bad, ref, torch.bfloat16)["correct"]
     assert not compare(ref[:1], ref, torch.bfloat16)["correct"]  # shape mismatch
+    # a bug confined to rows of small magnitude (late rows of a long causal prefill) is still caught
+    ref = torch.randn(1, 8, 2, 16)
+    ref[:, 4:] *= 0.01
+    bad = ref.clone()
+    bad[:, 6:] = 0.0
+    res = compare(bad, ref, torch.bfloat16)
+    assert res["rel_err"] < res["tol"] and res["row_rel_err"] > res["row_tol"] and not res["correct"]
 
 
 class WrongGQA(Peer):

@@ -147,7 +147,7 @@ def _f(x, fmt: str, none: str = "-") -> str:
 def _err_cell(r) -> str:
     if r.get("max_abs_err") is None:
         return "-"
-    flag = "" if r.get("correct") else " WRONG"
+    flag = " WRONG" if r.get("correct") is False else ""
     return f"{r['max_abs_err']:.1e}{flag}"
 
 
@@ -314,7 +314,13 @@ def _md_escape(s: str) -> str:
     return s.replace("|", "\\|")
 
 
+def _date(meta) -> str:
+    d = str(meta.get("date", "?"))
+    return d[:16].replace("T", " ") + " UTC" if len(d) >= 16 else d
+
+
 def md_table(headers: list[str], rows: list[list[str]]) -> str:
+    headers = ["µs" if h == "us" else h for h in headers]
     out = ["| " + " | ".join(_md_escape(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in rows]
     return "\n".join(out)
@@ -325,7 +331,7 @@ def format_markdown(results) -> str:
     c = results.get("ceilings") or {}
     v = m.get("versions", {})
     lines = [
-        f"## Kernel benchmark — {m.get('card', '?')}, {m.get('date', '?')}",
+        f"## Kernel benchmark — {m.get('card', '?')}, {_date(m)}",
         "",
         f"torch {v.get('torch', '?')}, triton {v.get('triton', '?')}, flashdecode {v.get('flashdecode', '?')} "
         f"({v.get('flashdecode_commit', '?')}), FlashInfer {v.get('flashinfer') or 'not installed'}. "

@@ -245,8 +245,8 @@ def run_peer(peer: Peer, problems, ref, device: torch.device, opts: Options) -> 
             row["variants"] = variants
         return row
     label, best = min(pool, key=lambda kv: kv[1]["us"])
-    for key in ("status", "us", "max_abs_err", "rel_err", "tol", "correct", "check", "first_call_s", "timing",
-                "peak_extra_mb", "timing_note"):
+    for key in ("status", "us", "max_abs_err", "rel_err", "row_rel_err", "tol", "row_tol", "correct", "check",
+                "first_call_s", "timing", "peak_extra_mb", "timing_note"):
         if key in best:
             row[key] = best[key]
     notes = [best.get("note") or ""]
@@ -261,7 +261,9 @@ def run_peer(peer: Peer, problems, ref, device: torch.device, opts: Options) -> 
         notes.append(best["timing_note"])
     row["note"] = "; ".join(n for n in notes if n)
     if row.get("correct") is False:
-        row["reason"] = f"WRONG: rel err {row.get('rel_err', float('nan')):.3g} > tol {row.get('tol')}"
+        g = lambda x: "nan" if x is None else f"{x:.3g}"  # noqa: E731
+        row["reason"] = (f"WRONG: rel err {g(row.get('rel_err'))} (tol {row.get('tol')}), worst row "
+                         f"{g(row.get('row_rel_err'))} (tol {row.get('row_tol')}) {row.get('check', '')}").strip()
     return row
 
 

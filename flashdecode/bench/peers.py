@@ -502,6 +502,16 @@ class FlashInfer(Peer):
     kinds = ("decode", "ragged", "spec", "prefill")
     cuda_only = True
 
+    def unsupported(self, shape, device):
+        r = super().unsupported(shape, device)
+        if r:
+            return r
+        import importlib.util  # noqa: PLC0415
+
+        if importlib.util.find_spec("flashinfer") is None:
+            return "n/a: FlashInfer not installed"
+        return None
+
     def build(self, problems):
         import flashinfer  # noqa: PLC0415
 

@@ -53,8 +53,8 @@ class Options:
     seed: int = 0
 
 
-class Interrupted(Exception):
-    pass
+class Interrupted(BaseException):
+    """SIGTERM: a BaseException, so that no `except Exception` around a peer swallows it."""
 
 
 class ContextLost(Exception):
@@ -337,7 +337,7 @@ def run_shape(index: int, total: int, shape: Shape, peers: list[Peer], device: t
                 row.update(status="n/a", reason=reason)
             elif remaining is not None and remaining <= 0:
                 row.update(status="skipped", reason="skipped: time budget")
-            elif remaining is not None and remaining < 60 and peer.name in SLOW_TO_BUILD:
+            elif remaining is not None and remaining < 90 and peer.name in SLOW_TO_BUILD:
                 row.update(status="skipped", reason="skipped: time budget (compiles on first use)")
             else:
                 if peer.name in SLOW_TO_BUILD:
@@ -409,6 +409,10 @@ def run(opts: Options, log: Callable[[str], None] = print, peers: list[Peer] | N
     deadline = t0 + opts.budget_s if opts.budget_s and opts.budget_s > 0 else None
 
     def on_term(signum, _frame):
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the reports short
+        except Exception:
+            pass
         raise Interrupted(f"signal {signum}")
 
     old = None

@@ -411,23 +411,20 @@ def plot_bandwidth(results, path: str) -> str:
             impls.append(r["impl"])
     impls.sort(key=lambda n: (IMPL_ORDER.index(n) if n in IMPL_ORDER else len(IMPL_ORDER), n))
     val = {(r["shape"], r["impl"]): r for r in rows}
-    n = len(impls)
-    width = 0.8 / max(n, 1)
+    colors = {impl: plt.get_cmap("tab10")(j % 10) for j, impl in enumerate(impls)}
     fig, ax = plt.subplots(figsize=(max(8.0, 1.1 * len(shapes) + 3), 5.5))
-    cmap = plt.get_cmap("tab10")
-    for j, impl in enumerate(impls):
-        xs, ys, hatch = [], [], []
-        for i, s in enumerate(shapes):
-            r = val.get((s, impl))
-            if r:
-                xs.append(i - 0.4 + width * (j + 0.5))
-                ys.append(r["gbs"])
-                hatch.append(r.get("correct") is False)
-        bars = ax.bar(xs, ys, width, label=impl, color=cmap(j % 10))
-        for b, h in zip(bars, hatch):
-            if h:
-                b.set_hatch("xx")
-                b.set_edgecolor("black")
+    seen: set[str] = set()
+    for i, s in enumerate(shapes):
+        present = [impl for impl in impls if (s, impl) in val]  # bars of one shape side by side, no gaps
+        width = 0.8 / max(len(present), 1)
+        for j, impl in enumerate(present):
+            r = val[(s, impl)]
+            bar = ax.bar(i - 0.4 + width * (j + 0.5), r["gbs"], width, color=colors[impl],
+                         label=None if impl in seen else impl)[0]
+            seen.add(impl)
+            if r.get("correct") is False:
+                bar.set_hatch("xx")
+                bar.set_edgecolor("black")
     c = results.get("ceilings") or {}
     if c.get("read_gbs"):
         ax.axhline(c["read_gbs"], color="black", linestyle="--", linewidth=1.2,
@@ -439,7 +436,12 @@ def plot_bandwidth(results, path: str) -> str:
     ax.set_title(f"Decode attention bandwidth — {m.get('card', '?')} — {str(m.get('date', '?'))[:10]} "
                  "(hatched: wrong result)",
                  fontsize=10)
-    ax.legend(fontsize=8, ncol=2)
+    top = max([c.get("read_gbs") or 0.0] + [r["gbs"] for r in rows])
+    ax.set_ylim(0, top * 1.3)  # room for the legend above the bars
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda k: (labels[k].startswith("read ceiling"),
+                                                      impls.index(labels[k]) if labels[k] in impls else 0))
+    ax.legend([handles[k] for k in order], [labels[k] for k in order], fontsize=8, ncol=5, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

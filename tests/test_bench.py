@@ -601,3 +601,63 @@ def test_run_peer_on_fake_cuda(monkeypatch):
     row = runner.run_peer(Naive(), probs, ref, torch.device("cuda"), runner.Options(device="cuda", quick=True))
     assert row["status"] == "ok" and row["correct"] and row["timing"]["method"] == "cuda-graph"
     assert row["peak_extra_mb"] is not None
+
+
+class _FakeFlashInferWrapper:
+    """FlashInfer's paged wrappers as documented (NHD pages, indptr / indices / last_page_len), in
+    plain PyTorch: checks that the FlashInfer peer hands FlashInfer the right pages."""
+
+    def __init__(self, workspace, layout="NHD", use_tensor_cores=False, **_kw):
+        assert layout == "NHD"
+
+    def plan(self, *args, causal=False, sm_scale=None, q_data_type=None, kv_data_type=None, **_kw):
+        if len(args) == 7:  # decode: indptr, indices, last_page_len, Hq, Hkv, D, page_size
+            indptr, indices, last, hq, hkv, d, page = args
+            qo_indptr = None
+        else:  # prefill: qo_indptr, indptr, indices, last, Hq, Hkv, D, page_size
+            qo_indptr, indptr, indices, last, hq, hkv, d, page = args
+        self.__dict__.update(qo=qo_indptr, indptr=indptr, indices=indices, last=last, hq=hq, hkv=hkv, page=page,
+                             causal=causal, scale=sm_scale)
+
+    def run(self, q, kv):
+        kp, vp = kv
+        outs = []
+        b_ = self.indptr.numel() - 1
+        sq = q.shape[0] // b_
+        for b in range(b_):
+            pages = self.indices[int(self.indptr[b]):int(self.indptr[b + 1])].long()
+            n = (pages.numel() - 1) * self.page + int(self.last[b])
+            k = kp[pages].reshape(-1, self.hkv, kp.shape[-1])[:n].float()
+            v = vp[pages].reshape(-1, self.hkv, vp.shape[-1])[:n].float()
+            k = k.repeat_interleave(self.hq // self.hkv, 1)
+            v = v.repeat_interleave(self.hq // self.hkv, 1)
+            qb = q[b * sq:(b + 1) * sq].float()
+            s = torch.einsum("shd,nhd->hsn", qb, k) * self.scale
+            if self.causal:
+                i = torch.arange(sq)[:, None]
+                s = s.masked_fill(torch.arange(n)[None, :] > i + n - sq, float("-inf"))
+            outs.append(torch.einsum("hsn,nhd->shd", torch.softmax(s, -1), v).to(q.dtype))
+        return torch.cat(outs)
+
+
+@pytest.mark.parametrize("kind", ["decode", "ragged", "spec", "prefill"])
+def test_flashinfer_peer_plumbing_with_a_fake_flashinfer(kind, monkeypatch):
+    import sys
+    import types
+
+    fake = types.ModuleType("flashinfer")
+    fake.BatchDecodeWithPagedKVCacheWrapper = _FakeFlashInferWrapper
+    fake.BatchPrefillWithPagedKVCacheWrapper = _FakeFlashInferWrapper
+    monkeypatch.setitem(sys.modules, "flashinfer", fake)
+    sq = {"spec": 4, "prefill": 40}.get(kind, 1)
+    sh = Shape(kind, 3, 40, 6, 2, 16, seqlen_q=sq, causal=kind in ("spec", "prefill"))  # 40: a partial last page
+    probs = make_problems(sh, CPU, copies=2)
+    ref = reference_output(probs[0])
+    builts = FlashInfer().build(probs)
+    assert len(builts) == (2 if kind in ("decode", "ragged") else 1)
+    for b in builts:
+        assert isinstance(b, Built), b
+        for st, p in zip(b.states, probs):  # every copy reads its own pool
+            out = b.to_bshd(b.fn(st))
+            assert compare(out, reference_output(p), torch.bfloat16)["correct"], (b.variant, p is probs[0])
+    assert compare(builts[0].to_bshd(builts[0].fn(builts[0].states[0])), ref, torch.bfloat16)["correct"]

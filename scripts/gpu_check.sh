@@ -16,7 +16,7 @@
 #   RUN_BENCH     1/0: run the benchmark (default 1)
 #   QUICK         1: pass --quick
 #   BENCH_ARGS    extra benchmark arguments (e.g. "--no-flex --shapes decode")
-#   BENCH_OUT     benchmark output folder (default bench_results)
+#   BENCH_OUT     benchmark output folder (default $OUT if set, else bench_results)
 #   TOTAL_BUDGET  seconds for this whole script (default 560, under a 600 s call limit); the benchmark
 #                 gets what the tests leave, stops starting rows when it runs out, and still reports
 #   OUT           if set, results, the log and FlashInfer's compiled kernels are copied there
@@ -41,7 +41,7 @@ TEST_TIMEOUT="${TEST_TIMEOUT:-240}"
 RUN_BENCH="${RUN_BENCH:-1}"
 QUICK="${QUICK:-0}"
 BENCH_ARGS="${BENCH_ARGS:-}"
-BENCH_OUT="${BENCH_OUT:-bench_results}"
+BENCH_OUT="${BENCH_OUT:-${OUT:-bench_results}}"   # straight into $OUT: a killed call keeps what was written
 TOTAL_BUDGET="${TOTAL_BUDGET:-560}"
 WHEELS_DIR="${WHEELS_DIR:-wheels}"
 export MAX_JOBS="${MAX_JOBS:-16}"
@@ -134,7 +134,7 @@ fi
 section "flashdecode import"
 "$PY" -c "import flashdecode, flashdecode.bench.cli; print('flashdecode', flashdecode.__version__, 'from', flashdecode.__file__)" \
     || echo "flashdecode does not import: the tests and the benchmark will fail"
-git log -1 --format='commit %h %s' 2>/dev/null || true
+git log -1 --format='commit %h %s' 2>/dev/null || echo "no git here; set FLASHDECODE_COMMIT to record the commit"
 
 TEST_STATUS="not run"
 if [ "$RUN_TESTS" = "1" ]; then
@@ -184,9 +184,11 @@ fi
 
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"
-    for f in results.json results.md table.txt bandwidth.png; do
-        [ -f "$BENCH_OUT/$f" ] && cp "$BENCH_OUT/$f" "$OUT/"
-    done
+    if [ "$(cd "$BENCH_OUT" && pwd)" != "$(cd "$OUT" && pwd)" ]; then
+        for f in results.json results.md table.txt bandwidth.png; do
+            [ -f "$BENCH_OUT/$f" ] && cp "$BENCH_OUT/$f" "$OUT/"
+        done
+    fi
     if [ -n "$JIT_TAR" ]; then
         size=$(stat -c %s "$JIT_TAR")
         if [ "$size" -lt 15000000 ]; then
@@ -199,7 +201,7 @@ fi
 
 section "summary"
 echo "GPU tests: $TEST_STATUS"
-echo "benchmark: $BENCH_STATUS (results in $BENCH_OUT/${OUT:+, copied to \$OUT})"
+echo "benchmark: $BENCH_STATUS (results in $BENCH_OUT/)"
 if [ -f "$BENCH_OUT/results.json" ]; then
     "$PY" -m flashdecode.bench --summary "$BENCH_OUT/results.json" || true
 fi

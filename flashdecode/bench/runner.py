@@ -90,6 +90,9 @@ def _version(mod: str, dist: str | None = None) -> str | None:
 
 
 def _git_commit() -> str | None:
+    """The checkout's commit (+"-dirty"); FLASHDECODE_COMMIT where the copy has no .git (the GPU machine)."""
+    if os.environ.get("FLASHDECODE_COMMIT"):
+        return os.environ["FLASHDECODE_COMMIT"]
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,

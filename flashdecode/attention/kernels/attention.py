@@ -25,17 +25,29 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def _page_ids(BT_ROW, start, max_pages, page_size, BLOCK_N: tl.constexpr, TILE_IN_PAGE: tl.constexpr):
+    """Page id of each slot of the key tile at ``start`` (-1 past the block table)."""
+    if TILE_IN_PAGE:
+        pidx = start // page_size
+        page = tl.load(BT_ROW + pidx, mask=pidx < max_pages, other=-1)
+        page = page + tl.zeros([BLOCK_N], dtype=tl.int32)
+    else:
+        pidx = (start + tl.arange(0, BLOCK_N)) // page_size
+        page = tl.load(BT_ROW + pidx, mask=pidx < max_pages, other=-1)
+    return page
+
+
+@triton.jit
 def _key_tile(
     acc,
     l_i,
     m_i,
     q,
     start,
+    page,
     K_BASE,
     V_BASE,
-    BT_ROW,
     num_pages,
-    max_pages,
     page_size,
     stride_kp,
     stride_ks,
@@ -70,23 +82,11 @@ def _key_tile(
     """
     offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_P2)
-    if TILE_IN_PAGE:
-        # The tile lies in one page (page_size % BLOCK_N == 0, tiles aligned to absolute slots):
-        # one block-table read per tile.
-        pidx = start // page_size
-        if MASKED:
-            page = tl.load(BT_ROW + pidx, mask=pidx < max_pages, other=-1)
-        else:
-            page = tl.load(BT_ROW + pidx)
-        page = page + tl.zeros([BLOCK_N], dtype=tl.int32)
-    else:
-        pidx = offs_n // page_size
-        if MASKED:
-            page = tl.load(BT_ROW + pidx, mask=pidx < max_pages, other=-1)
-        else:
-            page = tl.load(BT_ROW + pidx)
     row_ok = (page >= 0) & (page < num_pages)
-    in_page = (offs_n - pidx * page_size).to(tl.int64)
+    if TILE_IN_PAGE:
+        in_page = ((start % page_size) + tl.arange(0, BLOCK_N)).to(tl.int64)
+    else:
+        in_page = (offs_n % page_size).to(tl.int64)
     page64 = page.to(tl.int64)
     if MASKED:
         key_ok = row_ok & (offs_n >= kv_lo) & (offs_n < kv_hi)
@@ -300,30 +300,45 @@ def attention_split_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
+    # The block-table entries of the next tile are read one iteration ahead, so that the K/V
+    # loads do not wait on a load of the same iteration and pipeline as deep as num_stages allows.
+    page = _page_ids(BT_ROW, s_lo, max_pages, page_size, BLOCK_N, TILE_IN_PAGE)
     for start in range(s_lo, full_lo, BLOCK_N):
+        page_next = _page_ids(BT_ROW, start + BLOCK_N, max_pages, page_size, BLOCK_N, TILE_IN_PAGE)
         acc, l_i, m_i = _key_tile(
-            acc, l_i, m_i, q, start, K_BASE, V_BASE, BT_ROW, num_pages, max_pages, page_size,
+            acc, l_i, m_i, q, start, page, K_BASE, V_BASE, num_pages, page_size,
             stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
             kv_lo, kv_hi, rel_row, slope, qk_scale, softcap_log2, window_left, window_right,
             HEAD_DIM, HEAD_DIM_P2, BLOCK_N, True, TILE_IN_PAGE,
             HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32,
         )
+        page = page_next
+    # The block-table entries of the next tile are read one iteration ahead, so that the K/V
+    # loads do not wait on a load of the same iteration and pipeline as deep as num_stages allows.
+    page = _page_ids(BT_ROW, full_lo, max_pages, page_size, BLOCK_N, TILE_IN_PAGE)
     for start in range(full_lo, full_hi, BLOCK_N):
+        page_next = _page_ids(BT_ROW, start + BLOCK_N, max_pages, page_size, BLOCK_N, TILE_IN_PAGE)
         acc, l_i, m_i = _key_tile(
-            acc, l_i, m_i, q, start, K_BASE, V_BASE, BT_ROW, num_pages, max_pages, page_size,
+            acc, l_i, m_i, q, start, page, K_BASE, V_BASE, num_pages, page_size,
             stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
             kv_lo, kv_hi, rel_row, slope, qk_scale, softcap_log2, window_left, window_right,
             HEAD_DIM, HEAD_DIM_P2, BLOCK_N, False, TILE_IN_PAGE,
             HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32,
         )
+        page = page_next
+    # The block-table entries of the next tile are read one iteration ahead, so that the K/V
+    # loads do not wait on a load of the same iteration and pipeline as deep as num_stages allows.
+    page = _page_ids(BT_ROW, full_hi, max_pages, page_size, BLOCK_N, TILE_IN_PAGE)
     for start in range(full_hi, s_hi, BLOCK_N):
+        page_next = _page_ids(BT_ROW, start + BLOCK_N, max_pages, page_size, BLOCK_N, TILE_IN_PAGE)
         acc, l_i, m_i = _key_tile(
-            acc, l_i, m_i, q, start, K_BASE, V_BASE, BT_ROW, num_pages, max_pages, page_size,
+            acc, l_i, m_i, q, start, page, K_BASE, V_BASE, num_pages, page_size,
             stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
             kv_lo, kv_hi, rel_row, slope, qk_scale, softcap_log2, window_left, window_right,
             HEAD_DIM, HEAD_DIM_P2, BLOCK_N, True, TILE_IN_PAGE,
             HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32,
         )
+        page = page_next
 
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]

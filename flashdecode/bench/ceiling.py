@@ -75,7 +75,7 @@ def measure_ceilings(device: torch.device | str, *, size_bytes: int | None = Non
     except Exception as exc:
         res.notes.append(f"copy ceiling failed: {type(exc).__name__}: {exc}")
         log(f"  copy ceiling failed: {type(exc).__name__}: {exc}")
-    del src, dst
+    src = dst = None  # free the buffers
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return res

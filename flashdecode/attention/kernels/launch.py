@@ -147,17 +147,17 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor) -> None:
         num_stages=cfg.num_stages,
     )
     if splits > 1:
-        block_h = heuristics.combine_block_h(num_heads, head_dim)
-        combine_splits_kernel[(total_q, triton.cdiv(num_heads, block_h))](
-            o_dst, l_dst, out, lse, splits, num_heads,
+        splits_p2 = max(2, heuristics.next_pow2(splits))
+        combine_splits_kernel[(total_q, num_heads)](
+            o_dst, l_dst, out, lse, splits,
             o_dst.stride(0), o_dst.stride(1), o_dst.stride(2),
-            l_dst.stride(0), l_dst.stride(1),
+            l_dst.stride(0), l_dst.stride(1), l_dst.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             lse.stride(0), lse.stride(1),
             HEAD_DIM=head_dim,
             HEAD_DIM_P2=d_p2,
-            BLOCK_H=block_h,
-            SPLITS_P2=max(2, heuristics.next_pow2(splits)),
+            SPLITS_P2=splits_p2,
+            SPLIT_CHUNK=min(splits_p2, max(1, 4096 // d_p2)),
             num_warps=4,
         )
 

@@ -1,0 +1,109 @@
+"""Compile the kernels for a GPU target without a GPU: ``python -m flashdecode.attention.kernels.aot_check``.
+
+The interpreter runs the kernels' Python semantics but not Triton's compiler, so a construct the
+compiler rejects (or a loop it cannot pipeline) would only show on the GPU. This compiles the main
+variants for sm_90 with the integer specialisations a real launch gets (pointers and strides
+divisible by 16, unit last-dim strides) and prints, per variant, the shared memory and the number
+of asynchronous copies (0 would mean the K/V loads are not pipelined). Run it with
+``TRITON_INTERPRET`` unset. Exit status 1 if any variant fails to compile.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from typing import Any
+
+ATTENTION_VARIANTS: dict[str, dict[str, Any]] = {
+    "decode-split-page16": dict(TILE_IN_PAGE=False),
+    "decode-split-in-page": dict(),
+    "decode-all-features": dict(SPLIT=False, HAS_WINDOW_LEFT=True, HAS_SOFTCAP=True, HAS_ALIBI=True, ROTARY_DIM=64,
+                                ROTARY_INTERLEAVED=False),
+    "decode-d80": dict(HEAD_DIM=80, TILE_IN_PAGE=False, ROTARY_DIM=80),
+    "decode-mqa": dict(BLOCK_M=32, GROUP=32),
+    "decode-d256-fp16": dict(dtype="fp16", HEAD_DIM=256, HEAD_DIM_P2=256, BLOCK_N=32, num_stages=2),
+    "decode-fp32": dict(dtype="fp32", DOT_FP32=True, BLOCK_N=32),
+    "prefill": dict(BLOCK_M=128, BLOCK_N=64, SPLIT=False, num_warps=8),
+}
+
+
+def _compile(kernel: Any, ptr_types: dict[str, str], consts: dict[str, Any], float_args: tuple[str, ...] = (),
+             num_warps: int = 4, num_stages: int = 1, arch: int = 90) -> Any:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    params = list(inspect.signature(kernel.fn).parameters)
+    consts = {k: v for k, v in consts.items() if k in params}
+    sig, attrs = {}, {}
+    for i, name in enumerate(params):
+        if name in consts:
+            sig[name] = "constexpr"
+            continue
+        sig[name] = ptr_types.get(name, "fp32" if name in float_args else "i32")
+        if name in ptr_types or name.startswith("stride"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(params.index(k),): v for k, v in consts.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def _summary(ck: Any) -> str:
+    ir = ck.asm.get("ttgir", "")
+    return f"shared={ck.metadata.shared} async_copies={ir.count('async_copy_global_to_local')}"
+
+
+def attention_variant(**kw: Any) -> Any:
+    from flashdecode.attention.kernels.attention import attention_split_kernel
+
+    dt = kw.pop("dtype", "bf16")
+    num_warps, num_stages = kw.pop("num_warps", 4), kw.pop("num_stages", 3)
+    consts: dict[str, Any] = dict(
+        GROUP=4, HEAD_DIM=128, HEAD_DIM_P2=128, BLOCK_M=16, BLOCK_N=64, SPLIT=True, TILE_IN_PAGE=True,
+        HAS_WINDOW_LEFT=False, HAS_WINDOW_RIGHT=True, HAS_SOFTCAP=False, HAS_ALIBI=False, ROTARY_DIM=0,
+        ROTARY_INTERLEAVED=True, ROTARY_PER_POSITION=True, DOT_FP32=False,
+        stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1,
+    )
+    consts.update(kw)
+    if consts["HEAD_DIM"] > consts["HEAD_DIM_P2"]:
+        consts["HEAD_DIM_P2"] = 256
+    ptrs = {n: f"*{dt}" for n in ("Q", "K_CACHE", "V_CACHE", "COS", "SIN")}
+    ptrs.update({n: "*i32" for n in ("BLOCK_TABLE", "CU_SEQLENS_Q", "CACHE_SEQLENS", "CACHE_LEFTPAD",
+                                     "CU_SEQLENS_K_NEW", "ROTARY_SEQLENS")})
+    ptrs.update(ALIBI="*fp32", OUT="*fp32" if consts["SPLIT"] else f"*{dt}", LSE="*fp32")
+    return _compile(attention_split_kernel, ptrs, consts, ("qk_scale", "softcap_log2"), num_warps, num_stages)
+
+
+def main() -> int:
+    from flashdecode.attention.kernels.append import append_kv_kernel
+    from flashdecode.attention.kernels.combine import combine_splits_kernel
+    from flashdecode.attention.kernels.merge_states import merge_states_kernel
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
+        return 2
+    jobs: dict[str, Any] = {name: (lambda kw=kw: attention_variant(**dict(kw))) for name, kw in ATTENTION_VARIANTS.items()}
+    append_ptrs = {n: "*bf16" for n in ("K_NEW", "V_NEW", "K_CACHE", "V_CACHE", "COS", "SIN")}
+    append_ptrs.update({n: "*i32" for n in ("BLOCK_TABLE", "CACHE_SEQLENS", "CU_SEQLENS_K_NEW", "ROTARY_SEQLENS")})
+    jobs["append-rotary"] = lambda: _compile(append_kv_kernel, append_ptrs, dict(
+        HEAD_DIM=128, HEAD_DIM_P2=128, BLOCK_T=16, ROTARY_DIM=64, INTERLEAVED=True))
+    jobs["combine"] = lambda: _compile(combine_splits_kernel, dict(O_PART="*fp32", LSE_PART="*fp32", OUT="*bf16", LSE="*fp32"),
+                                       dict(HEAD_DIM=128, HEAD_DIM_P2=128, SPLITS_P2=16, SPLIT_CHUNK=16, stride_od=1))
+    jobs["merge"] = lambda: _compile(merge_states_kernel, dict(OUT_A="*bf16", OUT_B="*bf16", OUT="*bf16", LSE_A="*fp32",
+                                                                LSE_B="*fp32", LSE="*fp32"),
+                                     dict(HEAD_DIM=128, HEAD_DIM_P2=128, BLOCK_H=32))
+    only = sys.argv[1:]
+    failed = 0
+    for name, job in jobs.items():
+        if only and name not in only:
+            continue
+        try:
+            print(f"ok    {name:24s} {_summary(job())}", flush=True)
+        except Exception as exc:  # report every variant, then fail
+            failed += 1
+            print(f"FAIL  {name:24s} {type(exc).__name__}: {exc}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

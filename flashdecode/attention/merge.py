@@ -10,8 +10,6 @@ an empty side; when both sides are empty the result is 0 with LSE +inf, as the o
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -49,16 +47,10 @@ def _check(out_a: object, lse_a: object, out_b: object, lse_b: object) -> None:
 
 
 def _use_triton(device: torch.device) -> bool:
-    backend = os.environ.get("FLASHDECODE_BACKEND", "auto").strip().lower()
-    if backend == "reference":
-        return False
-    if device.type == "cuda":
-        try:
-            import triton  # noqa: F401
-        except ImportError:  # pragma: no cover - CUDA installs come with triton
-            return False
-        return True
-    return backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Same dispatch as the op (FLASHDECODE_BACKEND, read on every call)."""
+    from flashdecode.attention.interface import selected_backend
+
+    return selected_backend(device) == "triton"
 
 
 def _merge_torch(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor):

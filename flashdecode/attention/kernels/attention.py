@@ -207,8 +207,8 @@ def attention_split_kernel(
     """Grid ``(num_m_tiles * num_kv_heads, batch, num_splits)``.
 
     With ``SPLIT`` the outputs are the workspace: ``OUT`` (splits, total_q, H, D) float32 partial
-    outputs (already divided by their own sum) and ``LSE`` (splits, H, total_q) log2-domain LSE,
-    -inf for an empty split. Without it, ``OUT`` (total_q, H, D) in q's dtype and ``LSE``
+    outputs (already divided by their own sum) and ``LSE`` a float32 log2-domain LSE per (split,
+    head, token), -inf for an empty split (strides ``stride_ls, stride_lh, stride_lt``). Without it, ``OUT`` (total_q, H, D) in q's dtype and ``LSE``
     (H, total_q) natural-log float32, +inf and zeros for a row that sees no key.
     """
     pid0 = tl.program_id(0)
@@ -313,8 +313,6 @@ def attention_split_kernel(
             HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32,
         )
         page = page_next
-    # The block-table entries of the next tile are read one iteration ahead, so that the K/V
-    # loads do not wait on a load of the same iteration and pipeline as deep as num_stages allows.
     page = _page_ids(BT_ROW, full_lo, max_pages, page_size, BLOCK_N, TILE_IN_PAGE)
     for start in range(full_lo, full_hi, BLOCK_N):
         page_next = _page_ids(BT_ROW, start + BLOCK_N, max_pages, page_size, BLOCK_N, TILE_IN_PAGE)
@@ -326,8 +324,6 @@ def attention_split_kernel(
             HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32,
         )
         page = page_next
-    # The block-table entries of the next tile are read one iteration ahead, so that the K/V
-    # loads do not wait on a load of the same iteration and pipeline as deep as num_stages allows.
     page = _page_ids(BT_ROW, full_hi, max_pages, page_size, BLOCK_N, TILE_IN_PAGE)
     for start in range(full_hi, s_hi, BLOCK_N):
         page_next = _page_ids(BT_ROW, start + BLOCK_N, max_pages, page_size, BLOCK_N, TILE_IN_PAGE)

@@ -69,6 +69,14 @@ def test_no_split_when_the_grid_fills_the_gpu():
     assert hz.choose_num_splits(0, 4, 8, 128, 4096, 64, H100_SMS) == 1  # prefill
 
 
+def test_long_caches_split_even_on_a_full_grid():
+    # A ragged batch of capacity 16K: the longest sequences must not run alone at the end.
+    assert hz.choose_num_splits(0, 64, 8, 1, 16384, 64, H100_SMS) == 2
+    assert hz.choose_num_splits(0, 64, 8, 1, 8192, 64, H100_SMS) == 1
+    # Not for prefill tiles: there the query rows already give enough programs.
+    assert hz.choose_num_splits(0, 64, 8, 4, 16384, 64, H100_SMS) == 1
+
+
 def test_no_split_for_tiny_caches():
     assert hz.choose_num_splits(0, 1, 8, 1, 64, 64, H100_SMS) == 1
     assert hz.choose_num_splits(0, 1, 8, 1, 100, 64, H100_SMS) == 1

@@ -20,6 +20,10 @@ MIN_TILES_PER_SPLIT = 2
 SMEM_BUDGET_BYTES = 160 * 1024
 # See `choose_num_splits`.
 WAVE_EFFICIENCY = 0.95
+# With a full grid, decode programs still split caches longer than this: in a ragged batch the
+# longest sequences would otherwise run alone at the end. The partial results cost
+# ~8 * splits * H * D bytes per query row, nothing next to reading 8K keys.
+LONG_SPLIT_KEYS = 8192
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,8 @@ def choose_num_splits(
     ``max_keys`` is the largest number of keys a sequence can have (the cache capacity in slots,
     or a known bound on the lengths); the result depends only on shapes and the SM count.
 
-    The heuristic (after FlashAttention 2's): no split when the grid already fills the GPU;
+    The heuristic (after FlashAttention 2's): when the grid already fills the GPU, no split but for
+    decode-sized grids over caches longer than ``LONG_SPLIT_KEYS`` (load balance of ragged batches);
     otherwise the smallest split count whose wave efficiency (mean fraction of SMs busy over the
     waves) is within ``WAVE_EFFICIENCY`` of the best, each split keeping at least
     ``MIN_TILES_PER_SPLIT`` key tiles. Decode is bandwidth-bound, so an idle SM costs its share of
@@ -120,6 +125,8 @@ def choose_num_splits(
     programs = max(1, batch * num_kv_heads * num_m_tiles)
     num_sms = max(1, num_sms)
     if programs >= 0.8 * num_sms:
+        if num_m_tiles == 1 and num_sms > 1:
+            return max(1, min(max_splits, cdiv(max_keys, LONG_SPLIT_KEYS), n_tiles // MIN_TILES_PER_SPLIT))
         return 1
     limit = min(max_splits, max(1, n_tiles // MIN_TILES_PER_SPLIT), cdiv(2 * num_sms, programs))
     if limit <= 1:

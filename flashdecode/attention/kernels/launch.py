@@ -51,32 +51,37 @@ def _plan(p: PackedProblem) -> tuple[heuristics.TileConfig, int, int]:
     return cfg, n_m_tiles, splits
 
 
+def _rotary_tables(p: PackedProblem, dummy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(cos, sin, row stride, rows) as the kernels index them: unit channel stride, one row stride."""
+    if not p.rotary_dim:
+        return dummy, dummy, 0, 0
+    cos, sin = p.rotary_cos, p.rotary_sin
+    if cos.stride(1) != 1 or sin.stride(1) != 1 or cos.stride(0) != sin.stride(0):
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return cos, sin, cos.stride(0), cos.shape[0]
+
+
 def append_kv(p: PackedProblem) -> None:
     """Write ``p.k_new`` (rotated when ``p.rotary_cos`` is set) and ``p.v_new`` into the pages."""
     if p.k_new is None or p.v_new is None or p.k_new.shape[0] == 0 or p.max_seqlen_k_new <= 0:
         return
     _, num_kv_heads, head_dim = p.k_new.shape
     kc, vc, kn, vn = p.k_pages, p.v_pages, p.k_new, p.v_new
-    rotary_dim = p.rotary_dim
-    cos = p.rotary_cos if rotary_dim else kn  # dummy pointers when unused
-    sin = p.rotary_sin if rotary_dim else kn
-    if rotary_dim:
-        assert cos.stride(1) == 1 and sin.stride(1) == 1 and cos.stride(0) == sin.stride(0)
+    cos, sin, stride_cos, seqlen_ro = _rotary_tables(p, kn)
     grid = (triton.cdiv(p.max_seqlen_k_new, APPEND_BLOCK_T), p.batch, num_kv_heads)
     append_kv_kernel[grid](
         kn, vn, kc, vc, p.block_table, p.cache_seqlens, p.cu_seqlens_k_new, p.rotary_seqlens, cos, sin,
-        kn.shape[0], kc.shape[0], p.block_table.shape[1], p.page_size,
-        cos.shape[0] if rotary_dim else 0,
+        kn.shape[0], kc.shape[0], p.block_table.shape[1], p.page_size, seqlen_ro,
         kn.stride(0), kn.stride(1), kn.stride(2),
         vn.stride(0), vn.stride(1), vn.stride(2),
         kc.stride(0), kc.stride(1), kc.stride(2), kc.stride(3),
         vc.stride(0), vc.stride(1), vc.stride(2), vc.stride(3),
         p.block_table.stride(0),
-        cos.stride(0) if rotary_dim else 0,
+        stride_cos,
         HEAD_DIM=head_dim,
         HEAD_DIM_P2=heuristics.padded_head_dim(head_dim),
         BLOCK_T=APPEND_BLOCK_T,
-        ROTARY_DIM=rotary_dim,
+        ROTARY_DIM=p.rotary_dim,
         INTERLEAVED=p.rotary_interleaved,
         num_warps=4,
     )
@@ -92,9 +97,7 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor) -> None:
     cfg, n_m_tiles, splits = _plan(p)
     d_p2 = heuristics.padded_head_dim(head_dim)
     q, kc, vc, bt = p.q, p.k_pages, p.v_pages, p.block_table
-    rotary_dim = p.rotary_dim
-    cos = p.rotary_cos if rotary_dim else q
-    sin = p.rotary_sin if rotary_dim else q
+    cos, sin, stride_cos, seqlen_ro = _rotary_tables(p, q)
     alibi = p.alibi_slopes.contiguous() if p.alibi_slopes is not None else q
     softcap = float(p.softcap)
     if softcap > 0.0:
@@ -116,14 +119,13 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor) -> None:
     attention_split_kernel[grid](
         q, kc, vc, bt, p.cu_seqlens_q, p.cache_seqlens, p.cache_leftpad, p.cu_seqlens_k_new,
         p.rotary_seqlens, cos, sin, alibi, o_dst, l_dst,
-        total_q, num_kv_heads, num_pages, bt.shape[1], page_size,
-        cos.shape[0] if rotary_dim else 0,
+        total_q, num_kv_heads, num_pages, bt.shape[1], page_size, seqlen_ro,
         qk_scale, softcap_log2, p.window_left, p.window_right,
         q.stride(0), q.stride(1), q.stride(2),
         kc.stride(0), kc.stride(1), kc.stride(2), kc.stride(3),
         vc.stride(0), vc.stride(1), vc.stride(2), vc.stride(3),
         bt.stride(0),
-        cos.stride(0) if rotary_dim else 0,
+        stride_cos,
         alibi.stride(0) if p.alibi_slopes is not None else 0,
         *o_strides,
         *l_strides,
@@ -138,7 +140,7 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor) -> None:
         HAS_WINDOW_RIGHT=p.window_right >= 0,
         HAS_SOFTCAP=softcap > 0.0,
         HAS_ALIBI=p.alibi_slopes is not None,
-        ROTARY_DIM=rotary_dim,
+        ROTARY_DIM=p.rotary_dim,
         ROTARY_INTERLEAVED=p.rotary_interleaved,
         ROTARY_PER_POSITION=p.causal or p.local,
         # fp32 inputs need exact (not tf32) products; the interpreter's dot mishandles bf16.

@@ -63,9 +63,12 @@ class BlockAllocator:
     def free(self, blocks: Iterable[int]) -> None:
         """Drop one reference to each page; pages that reach zero go back to the free list."""
         blocks = list(blocks)
+        drops: dict[int, int] = {}
         for b in blocks:
             self._check_index(b)
-            if self._refcount[b] == 0:
+            drops[b] = drops.get(b, 0) + 1
+        for b, n in drops.items():
+            if self._refcount[b] < n:
                 raise ValueError(f"block {b} is already free (double free)")
         for b in blocks:
             self._refcount[b] -= 1

@@ -79,6 +79,13 @@ class LlamaConfig:
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any], generation_config: Mapping[str, Any] | None = None) -> LlamaConfig:
         """Build from the dict of a Hugging Face ``config.json`` (and optional ``generation_config.json``)."""
+        try:
+            return cls._from_hf_config(cfg, generation_config)
+        except KeyError as exc:
+            raise ValueError(f"model config lacks the key {exc.args[0]!r}") from None
+
+    @classmethod
+    def _from_hf_config(cls, cfg: Mapping[str, Any], generation_config: Mapping[str, Any] | None) -> LlamaConfig:
         arch = cfg.get("model_type")
         classes = cfg.get("architectures") or []
         if arch is None and len(classes) == 1:
@@ -127,6 +134,13 @@ class LlamaConfig:
     @classmethod
     def from_gguf_metadata(cls, meta: Mapping[str, Any], tensor_names: set[str]) -> LlamaConfig:
         """Build from GGUF key/value metadata (already decoded to Python values) and the tensor names."""
+        try:
+            return cls._from_gguf_metadata(meta, tensor_names)
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"GGUF metadata is incomplete or malformed: {exc}") from None
+
+    @classmethod
+    def _from_gguf_metadata(cls, meta: Mapping[str, Any], tensor_names: set[str]) -> LlamaConfig:
         arch = meta.get("general.architecture")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise _unsupported(arch)

@@ -40,10 +40,10 @@ def load_hf_dir(directory: str) -> tuple[LlamaConfig, Iterator[tuple[str, torch.
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{directory} has no config.json")
+    files = safetensors_files(directory)
     gen_path = os.path.join(directory, "generation_config.json")
     gen = _read_json(gen_path) if os.path.isfile(gen_path) else None
     config = LlamaConfig.from_hf_config(_read_json(config_path), gen)
-    files = safetensors_files(directory)
 
     def weights() -> Iterator[tuple[str, torch.Tensor]]:
         from safetensors import safe_open

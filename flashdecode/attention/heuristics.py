@@ -14,12 +14,16 @@ from dataclasses import dataclass
 MAX_SPLITS = 128
 # A split should own at least this many key tiles, or its fixed cost (loading the query tile,
 # writing a partial result) dominates.
-MIN_TILES_PER_SPLIT = 2
+MIN_TILES_PER_SPLIT = 1
 # Shared memory we allow one program to use (H100/H200 have 227 KiB per SM; leave room for two
 # programs per SM at decode tile sizes).
 SMEM_BUDGET_BYTES = 160 * 1024
-# See `choose_num_splits`.
-WAVE_EFFICIENCY = 0.95
+# Decode is bound by memory latency as much as bandwidth: one program per SM cannot keep enough
+# loads in flight. Measured on an H200 (2026-11-28, bf16, D=128): grids of ~1 program per SM
+# reached 58-87% of the read ceiling, grids of 2-8 programs per SM 94-102%. So a grid smaller than
+# MIN_PROGRAMS_PER_SM * SMs is split until it has about TARGET_PROGRAMS_PER_SM * SMs programs.
+MIN_PROGRAMS_PER_SM = 1.5
+TARGET_PROGRAMS_PER_SM = 4
 # With a full grid, decode programs still split caches longer than this: in a ragged batch the
 # longest sequences would otherwise run alone at the end. The partial results cost
 # ~8 * splits * H * D bytes per query row, nothing next to reading 8K keys.
@@ -110,12 +114,10 @@ def choose_num_splits(
     ``max_keys`` is the largest number of keys a sequence can have (the cache capacity in slots,
     or a known bound on the lengths); the result depends only on shapes and the SM count.
 
-    The heuristic (after FlashAttention 2's): when the grid already fills the GPU, no split but for
-    decode-sized grids over caches longer than ``LONG_SPLIT_KEYS`` (load balance of ragged batches);
-    otherwise the smallest split count whose wave efficiency (mean fraction of SMs busy over the
-    waves) is within ``WAVE_EFFICIENCY`` of the best, each split keeping at least
-    ``MIN_TILES_PER_SPLIT`` key tiles. Decode is bandwidth-bound, so an idle SM costs its share of
-    the bandwidth: the bar is higher than FlashAttention's 85%.
+    The heuristic: a grid of at least ``MIN_PROGRAMS_PER_SM`` programs per SM is not split, but
+    for decode-sized tiles over caches longer than ``LONG_SPLIT_KEYS`` (load balance of ragged
+    batches); a smaller grid is split until it has about ``TARGET_PROGRAMS_PER_SM`` programs per
+    SM, each split keeping at least ``MIN_TILES_PER_SPLIT`` key tiles.
     """
     if requested < 0:
         raise ValueError(f"num_splits must be >= 0, got {requested}")
@@ -124,25 +126,14 @@ def choose_num_splits(
         return max(1, min(requested, n_tiles, max_splits))
     programs = max(1, batch * num_kv_heads * num_m_tiles)
     num_sms = max(1, num_sms)
-    if programs >= 0.8 * num_sms:
-        if num_m_tiles == 1 and num_sms > 1:
+    if num_sms == 1:
+        return 1  # the CPU interpreter: no parallelism to gain
+    if programs >= MIN_PROGRAMS_PER_SM * num_sms:
+        if num_m_tiles == 1:
             return max(1, min(max_splits, cdiv(max_keys, LONG_SPLIT_KEYS), n_tiles // MIN_TILES_PER_SPLIT))
         return 1
-    limit = min(max_splits, max(1, n_tiles // MIN_TILES_PER_SPLIT), cdiv(2 * num_sms, programs))
-    if limit <= 1:
-        return 1
-
-    def efficiency(s: int) -> float:
-        waves = programs * s / num_sms
-        return waves / cdiv(programs * s, num_sms)
-
-    # Split counts that give the same tiles per split as a smaller count only add empty programs.
-    eligible = [s for s in range(1, limit + 1) if s == 1 or cdiv(n_tiles, s) != cdiv(n_tiles, s - 1)]
-    best = max(efficiency(s) for s in eligible)
-    for s in eligible:
-        if efficiency(s) >= WAVE_EFFICIENCY * best:
-            return s
-    return 1  # pragma: no cover - the loop always returns
+    wanted = cdiv(TARGET_PROGRAMS_PER_SM * num_sms, programs)
+    return max(1, min(max_splits, n_tiles // MIN_TILES_PER_SPLIT, wanted))
 
 
 def combine_block_h(num_heads: int, head_dim: int) -> int:

@@ -59,10 +59,16 @@ def _load(args: argparse.Namespace) -> Any:
     from flashdecode.engine import LLM
 
     start = time.perf_counter()
-    print("loading model ...", file=sys.stderr, end="", flush=True)
-    llm = LLM(args.model, device=args.device, dtype=args.dtype)
+    tty = sys.stderr.isatty()
+    if tty:
+        print("loading model ...", file=sys.stderr, end="", flush=True)
+    try:
+        llm = LLM(args.model, device=args.device, dtype=args.dtype)
+    finally:
+        if tty:
+            print("\r\033[K", file=sys.stderr, end="", flush=True)
     name = os.path.basename(llm.source.path.rstrip(os.sep))
-    print(f"\rloaded {name} ({llm.config.architecture}, {llm.device}, {str(llm.dtype).replace('torch.', '')}) "
+    print(f"loaded {name} ({llm.config.architecture}, {llm.device}, {str(llm.dtype).replace('torch.', '')}) "
           f"in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return llm
 

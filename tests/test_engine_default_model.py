@@ -144,3 +144,22 @@ def test_stream_matches_generate(llm, batch_outputs):
 def test_prompt_longer_than_context(llm):
     with pytest.raises(ValueError, match="context"):
         llm.generate("hello " * (llm.max_model_len + 10), GREEDY)
+
+
+def test_tokenizer_cache_round_trip(hf, tmp_path, monkeypatch):
+    """The GGUF tokenizer saved to the cache loads back with identical behaviour."""
+    from flashdecode.models.loader import _save_tokenizer, load_tokenizer, resolve_source, tokenizer_cache_dir
+
+    _, tokenizer = hf
+    monkeypatch.setenv("FLASHDECODE_CACHE", str(tmp_path))
+    source = resolve_source(None)
+    target = tokenizer_cache_dir(source)
+    assert target is not None and target.startswith(str(tmp_path))
+    _save_tokenizer(tokenizer, target)
+    cached = load_tokenizer(source)
+    for text in PROMPTS + [" leading space", "<|im_start|>user\nhi<|im_end|>", "émoji 🤖\n\n\tx"]:
+        assert cached(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert cached.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True) == \
+        tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    monkeypatch.setenv("FLASHDECODE_CACHE", "off")
+    assert tokenizer_cache_dir(source) is None

@@ -6,8 +6,11 @@ files (a GGUF file carries its tokenizer and chat template).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import shutil
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -82,6 +85,39 @@ def load_config(source: ModelSource) -> LlamaConfig:
     return (load_gguf if source.kind == "gguf" else load_hf_dir)(source.path)[0]
 
 
+def tokenizer_cache_dir(source: ModelSource) -> str | None:
+    """Where the tokenizer converted from a GGUF file is kept (None: caching is off or not applicable).
+
+    Converting a GGUF vocabulary takes seconds; the converted tokenizer is saved once under
+    ``$FLASHDECODE_CACHE`` (default ``~/.cache/flashdecode``), keyed by the file's path, size,
+    modification time and the transformers version. ``FLASHDECODE_CACHE=off`` disables it.
+    """
+    if source.kind != "gguf":
+        return None
+    base = os.environ.get("FLASHDECODE_CACHE")
+    if base is not None and base.lower() in ("", "0", "off", "none", "false"):
+        return None
+    if base is None:
+        base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                            "flashdecode")
+    import transformers
+
+    st = os.stat(source.path)
+    key = f"{os.path.realpath(source.path)}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}|1"
+    return os.path.join(base, "tokenizers", hashlib.sha256(key.encode()).hexdigest()[:20])
+
+
+def _save_tokenizer(tokenizer: Any, target: str) -> None:
+    """Save atomically (write a temporary folder, then rename); any failure only skips the cache."""
+    try:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=".tmp-")
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(locals().get("tmp", ""), ignore_errors=True)
+
+
 def load_tokenizer(source: ModelSource) -> Any:
     """`transformers.AutoTokenizer` for the model, read from its local files only."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -91,14 +127,31 @@ def load_tokenizer(source: ModelSource) -> Any:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # GGUF conversion is chatty
     try:
-        if source.kind == "gguf":
-            return AutoTokenizer.from_pretrained(source.directory, gguf_file=os.path.basename(source.path),
-                                                 local_files_only=True)
-        return AutoTokenizer.from_pretrained(source.path, local_files_only=True)
+        if source.kind == "hf":
+            return _quiet_decode(AutoTokenizer.from_pretrained(source.path, local_files_only=True))
+        cache = tokenizer_cache_dir(source)
+        if cache and os.path.isfile(os.path.join(cache, "tokenizer_config.json")):
+            try:
+                return _quiet_decode(AutoTokenizer.from_pretrained(cache, local_files_only=True))
+            except (OSError, ValueError):
+                pass  # a damaged cache entry: convert again below
+        tokenizer = AutoTokenizer.from_pretrained(source.directory, gguf_file=os.path.basename(source.path),
+                                                  local_files_only=True)
+        if cache:
+            _save_tokenizer(tokenizer, cache)
+        return _quiet_decode(tokenizer)
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot load the tokenizer of {source.path}: {exc}") from exc
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def _quiet_decode(tokenizer: Any) -> Any:
+    """BPE tokenizers ignore `clean_up_tokenization_spaces` (and warn on every decode); switch it off there."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and type(backend.model).__name__ == "BPE":
+        tokenizer.clean_up_tokenization_spaces = False
+    return tokenizer
 
 
 def load_model(model: str | os.PathLike[str] | None, *, device: torch.device | str = "cpu",

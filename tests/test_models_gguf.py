@@ -91,7 +91,7 @@ def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _hf_to_gguf(hf, qtype=Q.F32) -> dict:
+def _hf_to_gguf(hf, qtype=Q.F32, permute: bool = True) -> dict:
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     per_layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
@@ -108,9 +108,9 @@ def _hf_to_gguf(hf, qtype=Q.F32) -> dict:
             _, _, layer, *rest = name.split(".")
             module, kind = ".".join(rest[:-1]), rest[-1]
             gname = f"blk.{layer}.{per_layer[module]}.{kind}"
-            if module == "self_attn.q_proj":
+            if permute and module == "self_attn.q_proj":
                 w = _llama_cpp_permute(w, cfg.num_attention_heads)
-            elif module == "self_attn.k_proj":
+            elif permute and module == "self_attn.k_proj":
                 w = _llama_cpp_permute(w, cfg.num_key_value_heads)
         out[gname] = (w, qtype if w.ndim == 2 else Q.F32)
     return out
@@ -135,6 +135,16 @@ def test_tiny_llama_gguf_matches_transformers(tmp_path):
     c = loaded.config
     assert (c.architecture, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim) == ("llama", 2, 4, 2, 16)
     assert not c.tie_word_embeddings and c.eos_token_ids == (2,)
+    ours, _, _ = prefill_logits(loaded.model, [IDS])
+    torch.testing.assert_close(ours, hf_logits(hf, IDS), atol=2e-4, rtol=2e-4)
+
+
+def test_tiny_qwen2_gguf_matches_transformers(tmp_path):
+    """qwen2 files keep Hugging Face's Q/K order (llama.cpp uses NeoX rotary there) and carry q/k/v biases."""
+    hf = tiny_hf_model("qwen2")
+    _write(tmp_path / "qwen.gguf", _hf_to_gguf(hf, permute=False), arch="qwen2", meta=_llama_meta(hf, "qwen2"))
+    loaded = load_model(str(tmp_path / "qwen.gguf"), tokenizer=False)
+    assert loaded.config.architecture == "qwen2" and loaded.config.qkv_bias
     ours, _, _ = prefill_logits(loaded.model, [IDS])
     torch.testing.assert_close(ours, hf_logits(hf, IDS), atol=2e-4, rtol=2e-4)
 

@@ -79,6 +79,9 @@ def test_stop_strings_cut_the_text(llm):
     assert out.finish_reason == "stop"
     assert out.text == full.text[:full.text.index(stop)]
     assert full.token_ids[:len(out.token_ids)] == out.token_ids
+    spanning = f"{words[6]} {words[7]}"  # ends in a later token than it starts
+    out = llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=12, stop=spanning))[0]
+    assert out.finish_reason == "stop" and out.text == full.text[:full.text.index(spanning)]
 
 
 def test_stream_yields_the_same_text(llm):

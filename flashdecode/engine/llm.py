@@ -205,13 +205,14 @@ class LLM:
     def _on_token(self, seq: Sequence, token: int) -> None:
         seq.token_ids.append(token)
         params = seq.params
-        if seq.detokenizer is not None:
-            seq.detokenizer.update(seq.output_ids)
+        delta = seq.detokenizer.update(seq.output_ids) if seq.detokenizer is not None else ""
         if token in self.eos_token_ids and not params.ignore_eos:
             seq.finish_reason = "stop"
-        elif params.stop_strings and seq.detokenizer is not None:
-            text = seq.detokenizer.text
-            hits = [i for i in (text.find(s) for s in params.stop_strings) if i >= 0]
+        elif params.stop_strings and delta:
+            text = seq.detokenizer.text  # type: ignore[union-attr]
+            longest = max(len(s) for s in params.stop_strings)
+            start = max(0, len(text) - len(delta) - longest + 1)  # only matches that end in the new text
+            hits = [i for i in (text.find(s, start) for s in params.stop_strings) if i >= 0]
             if hits:
                 seq.stop_text = text[:min(hits)]
                 seq.finish_reason = "stop"

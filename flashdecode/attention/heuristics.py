@@ -14,16 +14,19 @@ from dataclasses import dataclass
 MAX_SPLITS = 128
 # A split should own at least this many key tiles, or its fixed cost (loading the query tile,
 # writing a partial result) dominates.
-MIN_TILES_PER_SPLIT = 1
+MIN_TILES_PER_SPLIT = 2
 # Shared memory we allow one program to use (H100/H200 have 227 KiB per SM; leave room for two
 # programs per SM at decode tile sizes).
 SMEM_BUDGET_BYTES = 160 * 1024
 # Decode is bound by memory latency as much as bandwidth: one program per SM cannot keep enough
-# loads in flight. Measured on an H200 (2026-11-28, bf16, D=128): grids of ~1 program per SM
-# reached 58-87% of the read ceiling, grids of 2-8 programs per SM 94-102%. So a grid smaller than
+# loads in flight. Measured on an H200 (2026-11-28, bf16): unsplit grids of ~1 program per SM
+# reached 58-87% of the read ceiling, grids of 2-8 programs per SM 94-102%; a sweep over split
+# counts put the optimum of small grids near 2 programs per SM (4 per SM was 10-50% slower: the
+# partial results and the combine cost more than the extra loads in flight bring), and splitting a
+# grid of 1.45 programs per SM (64 x 9/3 heads) made it slower. So a grid smaller than
 # MIN_PROGRAMS_PER_SM * SMs is split until it has about TARGET_PROGRAMS_PER_SM * SMs programs.
-MIN_PROGRAMS_PER_SM = 1.5
-TARGET_PROGRAMS_PER_SM = 4
+MIN_PROGRAMS_PER_SM = 1.25
+TARGET_PROGRAMS_PER_SM = 2
 # With a full grid, decode programs still split caches longer than this: in a ragged batch the
 # longest sequences would otherwise run alone at the end. The partial results cost
 # ~8 * splits * H * D bytes per query row, nothing next to reading 8K keys.

@@ -1,0 +1,139 @@
+"""Sweep the attention kernel's tile sizes and split counts on decode shapes (GPU only).
+
+For each shape, contiguous and paged (page 16, shuffled pool), times every (block_n, num_warps,
+num_stages, splits) variant by CUDA-graph replay and prints the best next to the heuristic's pick.
+The heuristics in flashdecode/attention/heuristics.py are tuned from this output.
+
+Usage: python scripts/tune_decode.py [--quick] [--out sweep.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flashdecode import flash_attn_with_kvcache  # noqa: E402
+from flashdecode.attention import heuristics  # noqa: E402
+from flashdecode.attention.kernels import launch  # noqa: E402
+
+SHAPES = [  # B, L, Hq, Hk, D
+    (1, 4096, 32, 8, 128),
+    (1, 32768, 32, 8, 128),
+    (8, 8192, 32, 8, 128),
+    (32, 8192, 32, 1, 128),
+    (64, 2048, 9, 3, 64),
+    (16, 8192, 16, 8, 256),
+]
+
+
+def make_inputs(b, l, hq, hk, d, paged, page=16):
+    dev = "cuda"
+    q = torch.randn(b, 1, hq, d, device=dev, dtype=torch.bfloat16)
+    seqlens = torch.full((b,), l, dtype=torch.int32, device=dev)
+    if not paged:
+        k = torch.randn(b, l, hk, d, device=dev, dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        return dict(q=q, k_cache=k, v_cache=v, cache_seqlens=seqlens)
+    pages_per_seq = l // page
+    n = b * pages_per_seq
+    k = torch.randn(n, page, hk, d, device=dev, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    table = torch.randperm(n, device=dev).to(torch.int32).reshape(b, pages_per_seq)
+    return dict(q=q, k_cache=k, v_cache=v, cache_seqlens=seqlens, block_table=table)
+
+
+def time_graph(fn, calls=10, reps=15) -> float:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        e.record()
+        e.synchronize()
+        times.append(a.elapsed_time(e) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--budget", type=float, default=240.0, help="seconds; stops starting shapes after this")
+    args = ap.parse_args()
+    original = heuristics.choose_tiles
+    sms = launch.num_sms(torch.device("cuda"))
+    results = []
+    start = time.time()
+    for (b, l, hq, hk, d), paged in itertools.product(SHAPES, (False, True)):
+        if time.time() - start > args.budget:
+            print("budget spent; stopping", flush=True)
+            break
+        inputs = make_inputs(b, l, hq, hk, d, paged)
+        kv_bytes = 2 * b * l * hk * d * 2
+        base = original(d, 2, hq // hk)
+        base_splits = heuristics.choose_num_splits(0, b, hk, 1, l, base.block_n, sms)
+        block_ns = [16, 32, 64] if d > 128 else [32, 64, 128]
+        variants = []
+        for bn, warps, stages in itertools.product(block_ns, (4, 8), (2, 3, 4)):
+            n_tiles = heuristics.cdiv(l, bn)
+            wanted = heuristics.choose_num_splits(0, b, hk, 1, l, bn, sms)
+            for splits in sorted({wanted, max(1, wanted // 2), min(n_tiles, wanted * 2)}):
+                variants.append((bn, warps, stages, splits))
+        if args.quick:
+            variants = variants[::3]
+        best = None
+        base_us = None
+        for bn, warps, stages, splits in variants:
+            cfg = heuristics.TileConfig(block_m=base.block_m, block_n=bn, num_warps=warps, num_stages=stages)
+            heuristics.choose_tiles = lambda *a, _cfg=cfg: _cfg
+            try:
+                us = time_graph(lambda: flash_attn_with_kvcache(**inputs, num_splits=splits))
+            except Exception as exc:  # out of shared memory, etc.
+                print(f"  bn={bn} w={warps} st={stages} s={splits}: error {type(exc).__name__}", flush=True)
+                continue
+            finally:
+                heuristics.choose_tiles = original
+            row = dict(shape=[b, l, hq, hk, d], paged=paged, block_n=bn, warps=warps, stages=stages, splits=splits,
+                       us=us, gbps=kv_bytes / us / 1e3)
+            results.append(row)
+            if (bn, warps, stages, splits) == (base.block_n, base.num_warps, base.num_stages, base_splits):
+                base_us = us
+            if best is None or us < best["us"]:
+                best = row
+        if base_us is None:
+            heuristics.choose_tiles = original
+            base_us = time_graph(lambda: flash_attn_with_kvcache(**inputs))
+        print(f"{b},{l},{hq}/{hk},{d} {'paged16' if paged else 'contig '}: heuristic {base_us:7.1f} us "
+              f"(bn={base.block_n} w={base.num_warps} st={base.num_stages} s={base_splits}) | best {best['us']:7.1f} us "
+              f"({best['gbps']:.0f} GB/s) bn={best['block_n']} w={best['warps']} st={best['stages']} s={best['splits']}",
+              flush=True)
+        del inputs
+        torch.cuda.empty_cache()
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

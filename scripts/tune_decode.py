@@ -2,7 +2,9 @@
 
 For each shape, contiguous and paged (page 16, shuffled pool), times every (block_n, num_warps,
 num_stages, splits) variant by CUDA-graph replay and prints the best next to the heuristic's pick.
-The heuristics in flashdecode/attention/heuristics.py are tuned from this output.
+The heuristics in flashdecode/attention/heuristics.py are tuned from this output. Caveat: the
+inputs are not rotated, so shapes whose K/V fit in L2 (about 50 MB) read warm here and look
+faster than in the benchmark, which keeps L2 cold; compare such shapes there.
 
 Usage: python scripts/tune_decode.py [--quick] [--out sweep.json]
 """

@@ -109,3 +109,11 @@ def test_combine_block_h():
     assert hz.combine_block_h(9, 64) == 16
     assert hz.combine_block_h(64, 256) == 16
     assert hz.combine_block_h(1, 80) == 1
+
+
+def test_pipeline_depth_is_capped_by_the_tiles_of_a_split():
+    cfg = hz.TileConfig(block_m=16, block_n=64, num_warps=4, num_stages=3)
+    assert hz.cap_stages(cfg, 4096, 32).num_stages == 2  # 2 tiles per split
+    assert hz.cap_stages(cfg, 4096, 1).num_stages == 3
+    assert hz.cap_stages(cfg, 64, 1).num_stages == 2  # never below 2
+    assert hz.cap_stages(cfg, 4096, 32).block_n == 64

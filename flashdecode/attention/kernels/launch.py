@@ -48,7 +48,7 @@ def _plan(p: PackedProblem) -> tuple[heuristics.TileConfig, int, int]:
     splits = heuristics.choose_num_splits(
         p.num_splits, p.batch, num_kv_heads, n_m_tiles, capacity, cfg.block_n, num_sms(p.q.device)
     )
-    return cfg, n_m_tiles, splits
+    return heuristics.cap_stages(cfg, capacity, splits), n_m_tiles, splits
 
 
 def _rotary_tables(p: PackedProblem, dummy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:

@@ -91,3 +91,17 @@ def test_package_exports():
     import flashdecode.engine as engine
 
     assert flashdecode.LLM is engine.LLM and flashdecode.SamplingParams is engine.SamplingParams
+
+
+def test_block_table_width_is_bucketed():
+    from flashdecode.engine.runner import block_table, table_width
+
+    assert [table_width(n) for n in (1, 2, 3, 4, 5, 33, 64)] == [1, 2, 4, 4, 8, 64, 64]
+    assert table_width(33, max_pages=40) == 40 and table_width(3, max_pages=40) == 4
+    alloc = BlockAllocator(20)
+    a, b = _seq(alloc, 0, 9, 1), _seq(alloc, 1, 2, 1)
+    a.blocks.ensure_capacity(9)
+    b.blocks.ensure_capacity(2)
+    table = block_table([a, b])
+    assert table.dtype.is_floating_point is False and tuple(table.shape) == (2, 4)
+    assert table[0, :3].tolist() == a.blocks.blocks and table[1].tolist() == b.blocks.blocks + [0, 0, 0]

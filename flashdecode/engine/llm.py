@@ -111,7 +111,7 @@ class LLM:
         self.scheduler = Scheduler(self.allocator, page_size, max_num_seqs, max_num_batched_tokens)
         shared = torch.Generator(device=self.device)
         shared.manual_seed(seed if seed is not None else random.SystemRandom().randrange(2**63))
-        self.runner = ModelRunner(self.model, self.pool, shared)
+        self.runner = ModelRunner(self.model, self.pool, shared, max_pages_per_seq=-(-self.max_model_len // page_size))
         eos = set(self.config.eos_token_ids)
         if not eos and getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos = {int(self.tokenizer.eos_token_id)}

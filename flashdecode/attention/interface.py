@@ -271,6 +271,7 @@ def flash_attn_with_kvcache(
     max_seqlen_q: int | None = None,
     cu_seqlens_k_new: torch.Tensor | None = None,
     rotary_seqlens: torch.Tensor | None = None,
+    check_values: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of `q` over a KV cache, appending `k`/`v` to the cache in place first.
 
@@ -282,8 +283,10 @@ def flash_attn_with_kvcache(
     row that sees no key (its output is 0). ``cache_seqlens`` is never modified.
 
     Bad arguments raise ``ValueError``/``TypeError`` naming the argument before anything is
-    written. Checks on tensor values cost one host sync; they are skipped during CUDA-graph
-    capture and torch.compile tracing, where the kernels still never write outside the caches.
+    written. Checks on tensor values (lengths against capacity, block-table entries against the
+    pool, ...) cost one host sync; they are skipped during CUDA-graph capture and torch.compile
+    tracing, and when ``check_values=False`` — for callers such as an engine that build the
+    metadata themselves. Without them the kernels still never write outside the caches.
     """
     args = (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
             block_table, softmax_scale, causal, window_size, softcap, rotary_interleaved, alibi_slopes, num_splits,
@@ -304,7 +307,9 @@ def flash_attn_with_kvcache(
         )
     else:
         # Eager calls skip the dispatcher round trip: it costs microseconds a decode step cannot spare.
-        problem = pack_problem(shape, *args[:18], *args[19:], check_values=value_checks_enabled(q))
+        if not isinstance(check_values, bool):
+            raise TypeError(f"check_values must be a bool, got {type(check_values).__name__}")
+        problem = pack_problem(shape, *args[:18], *args[19:], check_values=check_values and value_checks_enabled(q))
         out, lse = _run(problem, backend)
 
     if not shape.varlen_q:

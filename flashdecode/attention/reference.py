@@ -34,10 +34,18 @@ def apply_rotary(
     return torch.cat((rotated, xf[..., rot:]), dim=-1).to(x.dtype)
 
 
-def _slot_address(p: PackedProblem, b: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Page ids and in-page offsets of logical `slots` of sequence `b`."""
-    pages = p.block_table[b].long()[slots // p.page_size]
-    return pages, slots % p.page_size
+def _slot_address(p: PackedProblem, b: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Page ids, in-page offsets and validity of logical `slots` of sequence `b`.
+
+    A slot past the block table or on a page outside the pool is invalid: it is neither written
+    nor read (the value checks refuse such calls unless they were switched off).
+    """
+    table = p.block_table[b].long()
+    index = slots // p.page_size
+    in_table = index < table.shape[0]
+    pages = table[index.clamp(max=table.shape[0] - 1)]
+    valid = (slots >= 0) & in_table & (pages >= 0) & (pages < p.k_pages.shape[0])
+    return pages.clamp(0, p.k_pages.shape[0] - 1), slots % p.page_size, valid
 
 
 def _append(p: PackedProblem, b: int, cache_len: int, new_start: int, new_end: int, rotary_start: int) -> None:
@@ -49,9 +57,9 @@ def _append(p: PackedProblem, b: int, cache_len: int, new_start: int, new_end: i
         rows = torch.arange(rotary_start, rotary_start + n, device=k_new.device)
         k_new = apply_rotary(k_new, p.rotary_cos[rows], p.rotary_sin[rows], p.rotary_interleaved)
     slots = torch.arange(cache_len, cache_len + n, device=k_new.device)
-    pages, offsets = _slot_address(p, b, slots)
-    p.k_pages[pages, offsets] = k_new
-    p.v_pages[pages, offsets] = p.v_new[new_start:new_end]
+    pages, offsets, valid = _slot_address(p, b, slots)
+    p.k_pages[pages[valid], offsets[valid]] = k_new[valid]
+    p.v_pages[pages[valid], offsets[valid]] = p.v_new[new_start:new_end][valid]
 
 
 def _attend_one(
@@ -68,7 +76,7 @@ def _attend_one(
         q = apply_rotary(q, p.rotary_cos[rows], p.rotary_sin[rows], p.rotary_interleaved)
 
     slots = torch.arange(leftpad, end, device=q.device)
-    pages, offsets = _slot_address(p, b, slots)
+    pages, offsets, valid = _slot_address(p, b, slots)
     group = num_heads // num_kv_heads
     keys = p.k_pages[pages, offsets].float().repeat_interleave(group, dim=1)  # (Sk, H, D)
     values = p.v_pages[pages, offsets].float().repeat_interleave(group, dim=1)
@@ -84,7 +92,7 @@ def _attend_one(
     if p.alibi_slopes is not None:
         distance = (diagonal - j).abs().float()
         scores = scores - p.alibi_slopes[b].float()[:, None, None] * distance
-    visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
+    visible = valid[None, :].expand(sq, sk).clone()
     if p.window_right >= 0:
         visible &= j <= diagonal + p.window_right
     if p.window_left >= 0:

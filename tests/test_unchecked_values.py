@@ -1,0 +1,46 @@
+"""With value checks off (`check_values=False`), bad lengths or block tables never write outside
+the sequence's own valid pages, on either backend: pages outside the pool, negative entries and
+slots past the capacity are skipped, and the rest of the cache is left as it was."""
+
+import torch
+
+from flashdecode import flash_attn_with_kvcache
+
+
+def test_bad_values_with_checks_off_write_nothing_outside(backend, device):
+    g = torch.Generator().manual_seed(7)
+    num_pages, page, hk, d = 6, 4, 2, 16
+    k_cache = torch.randn(num_pages, page, hk, d, generator=g).to(device)
+    v_cache = torch.randn(num_pages, page, hk, d, generator=g).to(device)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    # Sequence 0 owns page 2 then an entry outside the pool; sequence 1 owns page 4 then a -1.
+    table = torch.tensor([[2, 99], [4, -1]], dtype=torch.int32, device=device)
+    seqlens = torch.tensor([2, 3], dtype=torch.int32, device=device)  # 2 + 5 and 3 + 5 pass capacity 8
+    q = torch.randn(2, 1, 4, d, generator=g).to(device)
+    k = torch.randn(2, 5, hk, d, generator=g).to(device)
+    v = torch.randn(2, 5, hk, d, generator=g).to(device)
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, block_table=table,
+                                  check_values=False)
+    assert torch.isfinite(out).all()
+    untouched = [0, 1, 3, 5]
+    assert torch.equal(k_cache[untouched], before_k[untouched])
+    assert torch.equal(v_cache[untouched], before_v[untouched])
+    # The valid slots were written: sequence 0 slots 2..3 of page 2, sequence 1 slot 3 of page 4.
+    assert torch.equal(v_cache[2, 2:4], v[0, :2])
+    assert torch.equal(v_cache[4, 3], v[1, 0])
+    assert torch.equal(v_cache[2, :2], before_v[2, :2])
+    assert torch.equal(v_cache[4, :3], before_v[4, :3])
+
+
+def test_checks_on_refuse_the_same_call(device):
+    k_cache = torch.randn(6, 4, 2, 16, device=device)
+    table = torch.tensor([[2, 99]], dtype=torch.int32, device=device)
+    q = torch.randn(1, 1, 4, 16, device=device)
+    k = torch.randn(1, 1, 2, 16, device=device)
+    try:
+        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), k, k, cache_seqlens=torch.tensor([5], dtype=torch.int32,
+                                device=device), block_table=table)
+    except ValueError as exc:
+        assert "block_table" in str(exc)
+    else:
+        raise AssertionError("a block-table entry outside the pool was accepted")

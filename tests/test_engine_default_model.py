@@ -163,3 +163,26 @@ def test_tokenizer_cache_round_trip(hf, tmp_path, monkeypatch):
         tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
     monkeypatch.setenv("FLASHDECODE_CACHE", "off")
     assert tokenizer_cache_dir(source) is None
+
+
+def test_prefix_cache_and_chunked_prefill_keep_the_greedy_tokens(llm, batch_outputs):
+    """On the real model: a prompt sharing a long prefix with an earlier one (pages of 16 reused)
+    and a prompt prefilled in chunks of 7 tokens both give the tokens of a plain run."""
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    base = batch_outputs[2]
+    ids = base.prompt_token_ids + base.token_ids[:30]  # > 2 pages of 16
+    llm.reset_prefix_cache()
+    cold = llm.generate([ids], params)[0].token_ids
+    assert cold == batch_outputs[2].token_ids[30:38]
+    hits = llm.stats.prefix_hit_tokens
+    assert llm.generate([ids], params)[0].token_ids == cold
+    assert llm.stats.prefix_hit_tokens - hits == (len(ids) - 1) // 16 * 16 > 0
+    saved = llm.scheduler.max_num_batched_tokens
+    llm.scheduler.max_num_batched_tokens = 7
+    try:
+        llm.reset_prefix_cache()
+        steps = llm.stats.steps
+        assert llm.generate([ids], params)[0].token_ids == cold
+        assert llm.stats.steps - steps >= len(ids) // 7 + 7
+    finally:
+        llm.scheduler.max_num_batched_tokens = saved

@@ -44,7 +44,7 @@ class ChatSession:
                 common += 1
             cached = min(common, len(ids) - 1)
             blocks = self._seq.blocks
-            blocks.truncate(cached)
+            cached = blocks.truncate(cached)  # rounded down when it would cut a shared (cached) page
         self.last_reused_tokens = cached
         seq = llm._new_sequence(ids, params, None, stream=True, blocks=blocks, num_cached=cached)
         seq.extra["keep_pages"] = True

@@ -71,6 +71,11 @@ class LLM:
     None for the embedded SmolLM2-135M-Instruct. The KV pool is one paged allocation: its size is
     ``num_kv_blocks`` pages if given, else ``kv_cache_gb``, else on CUDA ``gpu_memory_utilization``
     of the free memory (minus room for activations) and on the CPU 0.5 GiB.
+
+    Full pages are kept in a prefix cache (``enable_prefix_caching``) keyed by a chained hash of
+    their token ids, so prompts that share a beginning compute it once. ``max_num_batched_tokens``
+    is the per-step token budget: longer prompts are prefilled in chunks. `stats` counts prefix
+    hits, prefilled tokens and preemptions.
     """
 
     def __init__(
@@ -86,6 +91,7 @@ class LLM:
         kv_cache_gb: float | None = None,
         num_kv_blocks: int | None = None,
         gpu_memory_utilization: float = 0.85,
+        enable_prefix_caching: bool = True,
         seed: int | None = None,
     ) -> None:
         for name, value in (("page_size", page_size), ("max_num_seqs", max_num_seqs),
@@ -107,7 +113,7 @@ class LLM:
         blocks = self._pool_blocks(page_size, max_num_seqs, max_num_batched_tokens, kv_cache_gb, num_kv_blocks,
                                    gpu_memory_utilization)
         self.pool = self.model.new_kv_pool(blocks, page_size)
-        self.allocator = BlockAllocator(blocks)
+        self.allocator = BlockAllocator(blocks, enable_prefix_caching=enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, page_size, max_num_seqs, max_num_batched_tokens)
         shared = torch.Generator(device=self.device)
         shared.manual_seed(seed if seed is not None else random.SystemRandom().randrange(2**63))
@@ -144,6 +150,16 @@ class LLM:
         if blocks < 1:
             raise ValueError("not enough memory for a single KV page; lower max_num_batched_tokens or pass kv_cache_gb")
         return blocks
+
+    @property
+    def stats(self):
+        """Counters since the engine was built (`SchedulerStats`): steps, prompt tokens, prefix-cache hit
+        tokens, prefilled tokens, decode tokens, preemptions."""
+        return self.scheduler.stats
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (pages held by chat sessions stay)."""
+        self.allocator.reset_prefix_cache()
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -243,10 +259,11 @@ class LLM:
                 step = self.scheduler.schedule()
                 if step is None:
                     return
-                tokens = self.runner.step(step.seqs, step.is_prefill)
-                for seq, token in zip(step.seqs, tokens):
+                tokens = self.runner.step(step.seqs, step.num_new_tokens)
+                done = [(seq, token) for seq, token in zip(step.seqs, tokens) if token is not None]
+                for seq, token in done:
                     self._on_token(seq, token)
-                yield step.seqs
+                yield [seq for seq, _ in done]
         finally:
             self.scheduler.abort_all()  # no-op after a normal finish; frees pages after an error
             self._busy = False
@@ -293,8 +310,10 @@ class LLM:
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
         """Continue raw text prompts (no chat template); one output per prompt, in order.
 
-        A prompt is a string or a list of token ids. All prompts run together: one prefill pass,
-        then one decode pass per step for every request still generating.
+        A prompt is a string or a list of token ids. All prompts run together (continuous
+        batching): each step decodes one token of every running request and prefills chunks of
+        new prompts within ``max_num_batched_tokens``; prompt pages already in the prefix cache
+        are reused, and requests are preempted and recomputed when pages run out.
         """
         return self._generate_ids(self._tokenize_prompts(prompts), sampling_params)
 

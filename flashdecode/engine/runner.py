@@ -31,36 +31,43 @@ def block_table(seqs: list[Sequence], max_pages: int | None = None) -> torch.Ten
     return torch.from_numpy(table)
 
 
-def build_metadata(seqs: list[Sequence], is_prefill: bool, device: torch.device,
+def build_metadata(seqs: list[Sequence], num_new: list[int], sampled: list[bool], device: torch.device,
                    max_pages: int | None = None) -> tuple[torch.Tensor, AttentionMetadata]:
-    """Packed input ids and the metadata of one step (pages must already cover every new token)."""
+    """Packed input ids and the metadata of one step (pages must already cover every new token).
+
+    Sequence ``i`` feeds ``token_ids[num_cached : num_cached + num_new[i]]`` on top of its
+    ``num_cached`` cached tokens; logits are computed only for the last row of the sequences
+    with ``sampled[i]``. One new token each runs the op's padded decode form; anything else the
+    packed varlen form (``cu_seqlens_q`` = ``cu_seqlens_k_new``, ``cache_seqlens`` = cached tokens).
+    """
     table = block_table(seqs, max_pages)
-    cache_seqlens = [s.num_cached for s in seqs]
-    if is_prefill:
-        chunks = [s.new_token_ids() for s in seqs]
-        ids = [t for c in chunks for t in c]
-        cu = [0]
-        for c in chunks:
-            cu.append(cu[-1] + len(c))
-        cu_t = torch.tensor(cu, dtype=torch.int32)
-        meta = AttentionMetadata(
-            cache_seqlens=torch.tensor(cache_seqlens, dtype=torch.int32).to(device, non_blocking=True),
-            block_table=table.to(device, non_blocking=True),
-            cu_seqlens_q=cu_t.to(device, non_blocking=True),
-            max_seqlen_q=max(len(c) for c in chunks),
-            logits_indices=(cu_t[1:].long() - 1).to(device, non_blocking=True),
-        )
+    cache_seqlens = torch.tensor([s.num_cached for s in seqs], dtype=torch.int32).to(device, non_blocking=True)
+    table = table.to(device, non_blocking=True)
+    if all(n == 1 for n in num_new):
+        ids = [s.token_ids[s.num_cached] for s in seqs]
+        logits_indices = None
+        if not all(sampled):
+            logits_indices = torch.tensor([i for i, x in enumerate(sampled) if x], dtype=torch.long)
+            logits_indices = logits_indices.to(device, non_blocking=True)
+        meta = AttentionMetadata(cache_seqlens=cache_seqlens, block_table=table, logits_indices=logits_indices,
+                                 check_values=False)
     else:
-        ids = [s.token_ids[-1] for s in seqs]
+        ids = []
+        cu = [0]
+        for s, n in zip(seqs, num_new):
+            ids.extend(s.token_ids[s.num_cached:s.num_cached + n])
+            cu.append(cu[-1] + n)
+        cu_t = torch.tensor(cu, dtype=torch.int32)
+        rows = torch.tensor([cu[i + 1] - 1 for i, x in enumerate(sampled) if x], dtype=torch.long)
         meta = AttentionMetadata(
-            cache_seqlens=torch.tensor(cache_seqlens, dtype=torch.int32).to(device, non_blocking=True),
-            block_table=table.to(device, non_blocking=True),
+            cache_seqlens=cache_seqlens, block_table=table, cu_seqlens_q=cu_t.to(device, non_blocking=True),
+            max_seqlen_q=max(num_new), logits_indices=rows.to(device, non_blocking=True), check_values=False,
         )
     return torch.tensor(ids, dtype=torch.long).to(device, non_blocking=True), meta
 
 
 class ModelRunner:
-    """Owns the model and its KV pool; turns a list of sequences into next tokens."""
+    """Owns the model and its KV pool; runs a scheduled step and samples the next tokens."""
 
     def __init__(self, model: LlamaForCausalLM, pool: PagedKVPool, shared_generator: torch.Generator,
                  max_pages_per_seq: int | None = None) -> None:
@@ -71,18 +78,29 @@ class ModelRunner:
         self.max_pages_per_seq = max_pages_per_seq
 
     @torch.inference_mode()
-    def logits(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
-        """Run the step's forward pass (appending keys/values); logits ``(len(seqs), vocab)``."""
-        for s in seqs:
-            s.blocks.ensure_capacity(len(s.token_ids))
-        input_ids, meta = build_metadata(seqs, is_prefill, self.device, self.max_pages_per_seq)
+    def logits(self, seqs: list[Sequence], num_new: list[int], sampled: list[bool]) -> torch.Tensor:
+        """Run the step's forward pass (appending keys/values); logits ``(sum(sampled), vocab)``."""
+        for s, n in zip(seqs, num_new):
+            s.blocks.ensure_capacity(s.num_cached + n)
+        input_ids, meta = build_metadata(seqs, num_new, sampled, self.device, self.max_pages_per_seq)
         return self.model(input_ids, meta, self.pool)
 
     @torch.inference_mode()
-    def step(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        logits = self.logits(seqs, is_prefill)
-        batch = SamplingBatch.build([s.params for s in seqs], [s.generator for s in seqs], self.device)
-        tokens = sample(logits, batch, self.shared_generator).tolist()
-        for s in seqs:
-            s.num_cached = len(s.token_ids)
-        return tokens
+    def step(self, seqs: list[Sequence], num_new: list[int] | None = None) -> list[int | None]:
+        """Compute ``num_new[i]`` tokens of each sequence (default: all not cached); returns the
+        sampled next token of each sequence that reached its last token, None for the others
+        (a prefill chunk short of the end). Advances ``num_cached`` and registers full pages."""
+        if num_new is None:
+            num_new = [len(s.token_ids) - s.num_cached for s in seqs]
+        sampled = [s.num_cached + n == len(s.token_ids) for s, n in zip(seqs, num_new)]
+        logits = self.logits(seqs, num_new, sampled)
+        out: list[int | None] = [None] * len(seqs)
+        if any(sampled):
+            rows = [s for s, x in zip(seqs, sampled) if x]
+            batch = SamplingBatch.build([s.params for s in rows], [s.generator for s in rows], self.device)
+            tokens = iter(sample(logits, batch, self.shared_generator).tolist())
+            out = [next(tokens) if x else None for x in sampled]
+        for s, n in zip(seqs, num_new):
+            s.num_cached += n
+            s.blocks.commit(s.token_ids, s.num_cached)
+        return out

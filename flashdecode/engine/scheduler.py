@@ -1,80 +1,169 @@
-"""A simple batch scheduler: prefill the waiting prompts together, then decode every live request.
+"""Continuous batching with chunked prefill, prefix caching and preemption, in plain Python.
 
-Each step is either a prefill (the uncached tokens of newly admitted requests, packed into one
-forward pass) or a decode (one token for every running request, one forward pass). A request is
-admitted only when the pool can hold its worst-case length on top of what running requests may
-still need, so no request ever runs out of pages mid-way (issue 6 replaces this with preemption).
+Every step has a budget of ``max_num_batched_tokens`` new tokens. Running requests are served
+first, oldest first: a decoding request costs one token, a request still prefilling gets the next
+chunk of its prompt that fits in what is left of the budget. Then waiting requests are admitted,
+first come first served, while slots (``max_num_seqs``), budget and pages last; a new request first
+takes the cached pages that hold a prefix of its prompt and computes only the rest (at least the
+tokens of its last page, so one token at least is always computed and no shared page is written).
+
+Pages are taken only for the tokens a step computes. When a running request needs a page and none
+is free, the most recently admitted running request is preempted: its pages are released (they
+stay in the prefix cache until evicted) and it goes back to the front of the queue, to be
+recomputed later from its prompt and the tokens it has generated so far. A request that could not
+fit even alone in the pool is refused up front with a ValueError.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from flashdecode.cache import BlockAllocator
+from flashdecode.cache import BlockAllocator, OutOfBlocksError
 from flashdecode.engine.sequence import Sequence
 
 
 @dataclass(frozen=True)
 class ScheduledStep:
+    """One forward pass: ``seqs[i]`` computes ``num_new_tokens[i]`` tokens starting at its ``num_cached``."""
+
     seqs: list[Sequence]
-    is_prefill: bool
+    num_new_tokens: list[int]
+
+    @property
+    def is_prefill(self) -> bool:
+        """True when some sequence feeds more than one token (the packed varlen form of the op)."""
+        return any(n != 1 for n in self.num_new_tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def samples(self, i: int) -> bool:
+        """Whether sequence ``i`` reaches its last token this step (and so samples the next one)."""
+        s = self.seqs[i]
+        return s.num_cached + self.num_new_tokens[i] == len(s.token_ids)
+
+
+@dataclass
+class SchedulerStats:
+    steps: int = 0
+    prompt_tokens: int = 0  # tokens to prefill at (re)admission, before prefix hits
+    prefix_hit_tokens: int = 0  # of those, found in the prefix cache
+    prefilled_tokens: int = 0  # of those, computed
+    decode_tokens: int = 0
+    preemptions: int = 0
+    preempted_ids: list[int] = field(default_factory=list)
 
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, page_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int) -> None:
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         self.allocator = allocator
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in admission order
+        self.stats = SchedulerStats()
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
 
+    def check(self, seq: Sequence) -> None:
+        """ValueError when the request could not fit in the whole pool even alone."""
+        need = self.pages_for(seq.max_total_tokens)
+        if need > self.allocator.num_blocks:
+            raise ValueError(f"request {seq.seq_id} may reach {seq.max_total_tokens} tokens = {need} KV pages, "
+                             f"but the pool has {self.allocator.num_blocks}; lower max_tokens or enlarge the cache")
+
     def add(self, seq: Sequence) -> None:
+        self.check(seq)
         self.waiting.append(seq)
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _outstanding_pages(self, seq: Sequence) -> int:
-        return max(0, self.pages_for(seq.max_total_tokens) - len(seq.blocks.blocks))
+    # ------------------------------------------------------------------ scheduling
+    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+        try:
+            seq.blocks.ensure_capacity(num_tokens)
+            return True
+        except OutOfBlocksError:
+            return False
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free ``seq``'s pages and queue it (first) to be recomputed from all its tokens."""
+        self.running.remove(seq)
+        seq.blocks.release()
+        seq.num_cached = 0
+        seq.extra.pop("prefill_end", None)
+        self.waiting.appendleft(seq)
+        self.stats.preemptions += 1
+        self.stats.preempted_ids.append(seq.seq_id)
 
     def schedule(self) -> ScheduledStep | None:
-        """The next step to run, or None when nothing is left."""
-        admitted: list[Sequence] = []
-        if self.waiting:
-            budget = self.max_num_batched_tokens
-            reserved = sum(self._outstanding_pages(s) for s in self.running)
-            while self.waiting and len(self.running) + len(admitted) < self.max_num_seqs:
-                seq = self.waiting[0]
-                new_tokens = len(seq.token_ids) - seq.num_cached
-                need = self._outstanding_pages(seq)
-                if admitted and new_tokens > budget:
+        """The next step to run (pages already taken for it), or None when nothing is left."""
+        budget = self.max_num_batched_tokens
+        seqs: list[Sequence] = []
+        counts: list[int] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(len(seq.token_ids) - seq.num_cached, budget)
+            while not self._grow(seq, seq.num_cached + n):
+                victim = self.running[-1]
+                self.preempt(victim)
+                preempted = True
+                if victim is seq:
                     break
-                if reserved + need > self.allocator.num_free:
+            else:
+                seqs.append(seq)
+                counts.append(n)
+                budget -= n
+                i += 1
+                continue
+            break  # seq itself was preempted: it was the last one
+        if not preempted:
+            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+                seq = self.waiting[0]
+                fresh = not seq.blocks.blocks and seq.num_cached == 0
+                if fresh:
+                    seq.num_cached = seq.blocks.match_prefix(seq.token_ids, len(seq.token_ids) - 1)
+                n = min(len(seq.token_ids) - seq.num_cached, budget)
+                if not self._grow(seq, seq.num_cached + n):
+                    if fresh:  # give the prefix pages back; they stay cached
+                        seq.blocks.release()
+                        seq.num_cached = 0
                     break
                 self.waiting.popleft()
-                admitted.append(seq)
-                budget -= new_tokens
-                reserved += need
-        if admitted:
-            self.running.extend(admitted)
-            return ScheduledStep(admitted, is_prefill=True)
-        if self.running:
-            return ScheduledStep(list(self.running), is_prefill=False)
-        if self.waiting:
-            seq = self.waiting[0]
-            raise RuntimeError(
-                f"request {seq.seq_id} needs {self.pages_for(seq.max_total_tokens)} KV pages but only "
-                f"{self.allocator.num_free} are free"
-            )
-        return None
+                self.running.append(seq)
+                seq.extra["prefill_end"] = len(seq.token_ids)
+                self.stats.prompt_tokens += len(seq.token_ids)
+                self.stats.prefix_hit_tokens += seq.num_cached if fresh else 0
+                seqs.append(seq)
+                counts.append(n)
+                budget -= n
+        if not seqs:
+            if preempted:  # the only running request gave its pages up: start over from the queue
+                return self.schedule()
+            if self.waiting and not self.running:
+                seq = self.waiting[0]
+                raise RuntimeError(f"request {seq.seq_id} needs {self.pages_for(len(seq.token_ids))} KV pages but "
+                                   f"only {self.allocator.num_free} of {self.allocator.num_blocks} are free")
+            return None
+        self.stats.steps += 1
+        for s, n in zip(seqs, counts):
+            pre = max(0, min(s.num_cached + n, s.extra.get("prefill_end", 0)) - s.num_cached)
+            self.stats.prefilled_tokens += pre
+            self.stats.decode_tokens += n - pre
+        return ScheduledStep(seqs, counts)
 
+    # ------------------------------------------------------------------ after a step
     def finish(self, seq: Sequence, release: bool = True) -> None:
         """Remove a finished request; return its pages unless the caller keeps them (chat sessions)."""
         self.running.remove(seq)

@@ -60,6 +60,7 @@ class Attention(nn.Module):
         common = dict(
             rotary_cos=cos, rotary_sin=sin, cache_seqlens=meta.cache_seqlens, block_table=meta.block_table,
             causal=True, window_size=self.window_size, rotary_interleaved=False,
+            check_values=meta.check_values,
         )
         k_cache, v_cache = kv.k_cache(self.layer), kv.v_cache(self.layer)
         if meta.is_decode:  # one new token per sequence: (B, 1, H, D)

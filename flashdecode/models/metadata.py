@@ -18,6 +18,7 @@ class AttentionMetadata:
     * ``cu_seqlens_q`` ``(B + 1,)`` int32 marks each sequence's new tokens in the packed batch
       (prefill, or any step with several new tokens per sequence); ``None`` means exactly one new
       token per sequence (a decode step), which runs the op in its padded ``(B, 1, H, D)`` form.
+      ``cu_seqlens_q`` also serves as ``cu_seqlens_k_new``: the new keys are the new tokens.
     * ``logits_indices`` picks the packed rows whose logits are wanted (usually each sequence's
       last token); ``None`` computes logits for every row.
     """
@@ -27,6 +28,9 @@ class AttentionMetadata:
     cu_seqlens_q: torch.Tensor | None = None  # (B + 1,) int32
     max_seqlen_q: int = 1
     logits_indices: torch.Tensor | None = None  # (N,) int64
+    # False when the builder guarantees valid values (the engine): the op then skips its host-synced
+    # value checks (lengths within the cache, page ids within the pool).
+    check_values: bool = True
 
     @property
     def batch_size(self) -> int:

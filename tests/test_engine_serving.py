@@ -127,3 +127,26 @@ def test_engine_skips_the_ops_value_checks_and_keeps_table_width_bucketed(model_
     assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected
     assert calls and all(c[0] is False for c in calls)
     assert {c[1] for c in calls} <= {1, 2, 4, 8, 16} and any(c[2] for c in calls) and any(not c[2] for c in calls)
+
+
+def test_decode_graph_plumbing_with_an_eager_stand_in(model_dir, expected):
+    """The CUDA-graph path's static buffers, batch buckets and padded rows (scratch page), with the
+    capture replaced by plain re-execution (no GPU here): same tokens, scratch page only written."""
+    import torch
+
+    from flashdecode.engine.graphs import DecodeGraphs, batch_buckets, eager_capture
+
+    assert batch_buckets(1) == [1] and batch_buckets(5) == [1, 2, 4, 8] and batch_buckets(8)[-1] == 8
+    with pytest.raises(ValueError, match="CUDA"):
+        LLM(model_dir, num_kv_blocks=8, cuda_graphs=True)
+    llm = LLM(model_dir, page_size=4, num_kv_blocks=40, max_num_batched_tokens=16, seed=0)
+    pool = llm.model.new_kv_pool(41, 4)  # page 40: the scratch page
+    pool.storage.fill_(float("nan"))  # padded rows must never read anything but their own new key
+    llm.pool = llm.runner.pool = pool
+    llm.runner.graphs = DecodeGraphs(llm.model, pool, scratch_page=40, max_batch=4, capture=eager_capture)
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected
+    graphs = llm.runner.graphs
+    assert graphs.replays > 0 and {bs for bs, _ in graphs.graphs} >= {4}
+    assert all(w in (1, 2, 4, 8, 16) for _, w in graphs.graphs)
+    with pytest.raises(ValueError, match="bucket"):
+        graphs.bucket(5)

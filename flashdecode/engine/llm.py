@@ -12,6 +12,7 @@ import torch
 
 from flashdecode.cache import BlockAllocator, PagedKVPool, SequenceBlocks
 from flashdecode.engine.detokenizer import IncrementalDetokenizer
+from flashdecode.engine.graphs import DecodeGraphs
 from flashdecode.engine.runner import ModelRunner
 from flashdecode.engine.sampling import SamplingParams
 from flashdecode.engine.scheduler import Scheduler
@@ -75,7 +76,8 @@ class LLM:
     Full pages are kept in a prefix cache (``enable_prefix_caching``) keyed by a chained hash of
     their token ids, so prompts that share a beginning compute it once. ``max_num_batched_tokens``
     is the per-step token budget: longer prompts are prefilled in chunks. `stats` counts prefix
-    hits, prefilled tokens and preemptions.
+    hits, prefilled tokens and preemptions. ``cuda_graphs=True`` (experimental, off by default, not
+    yet run on a GPU) replays decode steps as CUDA graphs captured per batch-size bucket.
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class LLM:
         num_kv_blocks: int | None = None,
         gpu_memory_utilization: float = 0.85,
         enable_prefix_caching: bool = True,
+        cuda_graphs: bool = False,
         seed: int | None = None,
     ) -> None:
         for name, value in (("page_size", page_size), ("max_num_seqs", max_num_seqs),
@@ -112,12 +115,18 @@ class LLM:
         self.page_size = page_size
         blocks = self._pool_blocks(page_size, max_num_seqs, max_num_batched_tokens, kv_cache_gb, num_kv_blocks,
                                    gpu_memory_utilization)
-        self.pool = self.model.new_kv_pool(blocks, page_size)
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs=True needs a CUDA device")
+        # with graphs, one extra page (never handed out) receives the writes of padded rows
+        self.pool = self.model.new_kv_pool(blocks + (1 if cuda_graphs else 0), page_size)
         self.allocator = BlockAllocator(blocks, enable_prefix_caching=enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, page_size, max_num_seqs, max_num_batched_tokens)
         shared = torch.Generator(device=self.device)
         shared.manual_seed(seed if seed is not None else random.SystemRandom().randrange(2**63))
-        self.runner = ModelRunner(self.model, self.pool, shared, max_pages_per_seq=-(-self.max_model_len // page_size))
+        graphs = DecodeGraphs(self.model, self.pool, scratch_page=blocks, max_batch=min(max_num_seqs, 512)) \
+            if cuda_graphs else None
+        self.runner = ModelRunner(self.model, self.pool, shared, max_pages_per_seq=-(-self.max_model_len // page_size),
+                                  graphs=graphs)
         eos = set(self.config.eos_token_ids)
         if not eos and getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos = {int(self.tokenizer.eos_token_id)}

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from flashdecode.cache import PagedKVPool
+from flashdecode.engine.graphs import DecodeGraphs
 from flashdecode.engine.sampling import SamplingBatch, sample
 from flashdecode.engine.sequence import Sequence
 from flashdecode.models import AttentionMetadata, LlamaForCausalLM
@@ -22,13 +23,17 @@ def table_width(pages: int, max_pages: int | None = None) -> int:
     return max(pages, min(width, max_pages)) if max_pages else width
 
 
-def block_table(seqs: list[Sequence], max_pages: int | None = None) -> torch.Tensor:
+def block_table_array(seqs: list[Sequence], max_pages: int | None = None) -> np.ndarray:
     """``(B, width)`` int32 page ids; entries past a sequence's pages are 0 and never read."""
     rows = [s.blocks.blocks for s in seqs]
     table = np.zeros((len(rows), table_width(max(len(r) for r in rows), max_pages)), dtype=np.int32)
     for i, r in enumerate(rows):
         table[i, :len(r)] = r
-    return torch.from_numpy(table)
+    return table
+
+
+def block_table(seqs: list[Sequence], max_pages: int | None = None) -> torch.Tensor:
+    return torch.from_numpy(block_table_array(seqs, max_pages))
 
 
 def build_metadata(seqs: list[Sequence], num_new: list[int], sampled: list[bool], device: torch.device,
@@ -70,18 +75,23 @@ class ModelRunner:
     """Owns the model and its KV pool; runs a scheduled step and samples the next tokens."""
 
     def __init__(self, model: LlamaForCausalLM, pool: PagedKVPool, shared_generator: torch.Generator,
-                 max_pages_per_seq: int | None = None) -> None:
+                 max_pages_per_seq: int | None = None, graphs: DecodeGraphs | None = None) -> None:
         self.model = model
         self.pool = pool
         self.device = model.device
         self.shared_generator = shared_generator
         self.max_pages_per_seq = max_pages_per_seq
+        self.graphs = graphs  # decode steps replayed as CUDA graphs (experimental), else eager
 
     @torch.inference_mode()
     def logits(self, seqs: list[Sequence], num_new: list[int], sampled: list[bool]) -> torch.Tensor:
         """Run the step's forward pass (appending keys/values); logits ``(sum(sampled), vocab)``."""
         for s, n in zip(seqs, num_new):
             s.blocks.ensure_capacity(s.num_cached + n)
+        if self.graphs is not None and all(sampled) and all(n == 1 for n in num_new) \
+                and self.graphs.can_run(len(seqs)):
+            return self.graphs.run([s.token_ids[s.num_cached] for s in seqs], [s.num_cached for s in seqs],
+                                   block_table_array(seqs, self.max_pages_per_seq))
         input_ids, meta = build_metadata(seqs, num_new, sampled, self.device, self.max_pages_per_seq)
         return self.model(input_ids, meta, self.pool)
 

@@ -115,6 +115,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(len(seq.token_ids) - seq.num_cached, budget)
+            if n <= 0:  # nothing to compute (cannot happen for requests run by the engine)
+                i += 1
+                continue
             while not self._grow(seq, seq.num_cached + n):
                 victim = self.running[-1]
                 self.preempt(victim)

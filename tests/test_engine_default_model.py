@@ -186,3 +186,13 @@ def test_prefix_cache_and_chunked_prefill_keep_the_greedy_tokens(llm, batch_outp
         assert llm.stats.steps - steps >= len(ids) // 7 + 7
     finally:
         llm.scheduler.max_num_batched_tokens = saved
+
+
+def test_tiny_pool_preempts_and_keeps_the_greedy_tokens(batch_outputs):
+    """On the real model: a pool of 6 pages of 16 cannot hold the 4 requests (3 pages each at the
+    end) at once, so some are preempted and recomputed; each still gets the tokens of a plain run."""
+    small = LLM(device="cpu", dtype="float32", page_size=16, num_kv_blocks=6, max_num_batched_tokens=24)
+    outs = small.generate(PROMPTS, GREEDY)
+    assert small.stats.preemptions > 0
+    assert [o.token_ids for o in outs] == [o.token_ids for o in batch_outputs]
+    assert small.allocator.num_used == 0

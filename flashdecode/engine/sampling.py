@@ -81,6 +81,10 @@ class SamplingBatch:
     @classmethod
     def build(cls, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
               device: torch.device) -> SamplingBatch:
+        if all(p.greedy for p in params):  # argmax only: no per-step host-to-device copies
+            none = torch.empty(0, device=device)
+            return cls(temperature=none, top_k=none, top_p=none, generators=tuple(generators),
+                       all_greedy=True, any_filter=False)
         return cls(
             temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
             top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),

@@ -47,13 +47,15 @@ class ScheduledStep:
 
 @dataclass
 class SchedulerStats:
+    """Counters since the scheduler was made (`LLM.stats`)."""
+
     steps: int = 0
     prompt_tokens: int = 0  # tokens to prefill at (re)admission, before prefix hits
     prefix_hit_tokens: int = 0  # of those, found in the prefix cache
     prefilled_tokens: int = 0  # of those, computed
     decode_tokens: int = 0
     preemptions: int = 0
-    preempted_ids: list[int] = field(default_factory=list)
+    preempted_ids: deque[int] = field(default_factory=lambda: deque(maxlen=1024))  # the latest victims
 
 
 class Scheduler:

@@ -248,6 +248,27 @@ def test_preemption_frees_the_newest_and_recomputes_it():
     assert alloc.num_used == 0
 
 
+def test_a_preempted_request_resumes_before_newer_ones():
+    alloc = BlockAllocator(6)  # 24 slots
+    sched = Scheduler(alloc, PAGE, max_num_seqs=8, max_num_batched_tokens=100)
+    model = FakeModel(alloc)
+    a, b = _seq(alloc, 0, range(0, 8), 12), _seq(alloc, 1, range(40, 48), 8)  # reach 20 and 16 tokens
+    sched.add(a)
+    sched.add(b)
+    while sched.stats.preemptions == 0:
+        model.run(sched, sched.schedule())
+    assert list(sched.waiting) == [b] and sched.running == [a]  # the newest gave way
+    c = _seq(alloc, 2, range(80, 83), 2)
+    sched.add(c)
+    admitted = []
+    while sched.has_work:
+        step = sched.schedule()
+        admitted += [s.seq_id for s in step.seqs if s.seq_id not in admitted]
+        model.run(sched, step)
+    assert admitted == [0, 1, 2]  # b (preempted, back at the front of the queue) before c (newer)
+    assert b.output_ids == _alone(range(40, 48), 8) and c.output_ids == _alone(range(80, 83), 2)
+
+
 def test_heavy_pressure_many_requests_all_complete():
     alloc = BlockAllocator(10)
     sched = Scheduler(alloc, PAGE, max_num_seqs=16, max_num_batched_tokens=16)

@@ -134,7 +134,9 @@ class Scheduler:
                 continue
             break  # seq itself was preempted: it was the last one
         if not preempted:
-            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            # never more running requests than budget tokens, so every decode fits in one step
+            slots = min(self.max_num_seqs, self.max_num_batched_tokens)
+            while self.waiting and budget > 0 and len(self.running) < slots:
                 seq = self.waiting[0]
                 fresh = not seq.blocks.blocks and seq.num_cached == 0
                 if fresh:

@@ -1,4 +1,4 @@
-"""Command line: ``flashdecode generate | chat | bench``.
+"""Command line: ``flashdecode generate | chat | bench | bench-e2e``.
 
 Errors are printed as one line (no traceback) and exit with status 1.
 """
@@ -36,7 +36,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashdecode", description="Fast LLM generation on flashdecode attention.")
     parser.add_argument("--version", action="version", version=f"flashdecode {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{generate,chat,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{generate,chat,bench,bench-e2e}")
     gen = sub.add_parser("generate", help="generate text for one prompt, streamed to the terminal")
     gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--raw", action="store_true", help="use the prompt as is (no chat template)")
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="interactive chat that keeps the conversation's KV cache between turns")
     _add_model_args(chat)
     sub.add_parser("bench", help="benchmarks (arguments are passed to `flashdecode.bench`)", add_help=False)
+    sub.add_parser("bench-e2e", help="end-to-end benchmark (`flashdecode bench --e2e ...`)", add_help=False)
     return parser
 
 
@@ -160,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv and argv[0] == "bench":
             return cmd_bench(argv[1:])
+        if argv and argv[0] == "bench-e2e":
+            return cmd_bench(["--e2e", *argv[1:]])
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:

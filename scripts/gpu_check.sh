@@ -22,6 +22,11 @@
 #   OUT           if set, results, the log and FlashInfer's compiled kernels are copied there
 #   MAX_JOBS      parallel nvcc jobs for FlashInfer's first-use JIT (default 16)
 #   WHEELS_DIR    where the wheels are (default wheels)
+#   E2E           1: after the kernel benchmark, run the end-to-end benchmark (`--e2e`: engine vs transformers
+#                 generate() on random-weight SmolLM2-135M and Llama-3-8B shapes; default 0)
+#   E2E_BUDGET    seconds after which the end-to-end benchmark starts no new row (default 420; a row already
+#                 running finishes, up to about 90 s more); it is killed at E2E_BUDGET + 150
+#   E2E_ARGS      extra end-to-end arguments (e.g. "--e2e-models smollm2-135m --e2e-impls flashdecode hf-dynamic")
 #
 # Wheels: every wheels/*.whl is installed with --no-deps --no-index (no internet there); the ones in
 # wheels/matplotlib/ only if matplotlib does not import. If wheels/flashinfer_jit_cache.tar.gz exists
@@ -170,6 +175,22 @@ if [ "$RUN_BENCH" = "1" ]; then
     esac
 fi
 
+E2E_STATUS="not run"
+if [ "${E2E:-0}" = "1" ]; then
+    E2E_BUDGET="${E2E_BUDGET:-420}"
+    section "end-to-end benchmark: python -m flashdecode.bench --e2e --out $BENCH_OUT --budget $E2E_BUDGET ${E2E_ARGS:-}"
+    # shellcheck disable=SC2086
+    timeout -s TERM -k 15 $(( E2E_BUDGET + 150 )) "$PY" -m flashdecode.bench --e2e --out "$BENCH_OUT" \
+        --budget "$E2E_BUDGET" ${E2E_ARGS:-}
+    rc=$?
+    case $rc in
+        0) E2E_STATUS="complete" ;;
+        3) E2E_STATUS="partial (rows skipped; see its status line)" ;;
+        124|137) E2E_STATUS="KILLED by timeout (partial e2e_results.json)" ;;
+        *) E2E_STATUS="FAILED (exit $rc)" ;;
+    esac
+fi
+
 # FlashInfer's kernels compiled this run, packed for the next one (copy into wheels/ to reuse).
 JIT_TAR=""
 JIT_DIR="$(ls -d "$FLASHINFER_WORKSPACE_BASE"/.cache/flashinfer/*/*/cached_ops 2>/dev/null | head -1)"
@@ -185,7 +206,7 @@ fi
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"
     if [ "$(cd "$BENCH_OUT" && pwd)" != "$(cd "$OUT" && pwd)" ]; then
-        for f in results.json results.md table.txt bandwidth.png; do
+        for f in results.json results.md table.txt bandwidth.png e2e_results.json e2e_results.md e2e_table.txt; do
             [ -f "$BENCH_OUT/$f" ] && cp "$BENCH_OUT/$f" "$OUT/"
         done
     fi
@@ -204,6 +225,10 @@ echo "GPU tests: $TEST_STATUS"
 echo "benchmark: $BENCH_STATUS (results in $BENCH_OUT/)"
 if [ -f "$BENCH_OUT/results.json" ]; then
     "$PY" -m flashdecode.bench --summary "$BENCH_OUT/results.json" || true
+fi
+if [ "${E2E:-0}" = "1" ]; then
+    echo "end-to-end benchmark: $E2E_STATUS"
+    [ -f "$BENCH_OUT/e2e_table.txt" ] && cat "$BENCH_OUT/e2e_table.txt"
 fi
 sleep 0.5  # let tee flush the log
 exit 0

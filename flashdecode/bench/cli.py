@@ -48,6 +48,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="merge results.json files of several runs (e.g. split across calls) into --out and print "
                         "the report; runs nothing")
+    e = p.add_argument_group("end-to-end benchmark (--e2e; see flashdecode/bench/e2e.py)")
+    e.add_argument("--e2e", action="store_true", help="run the end-to-end generation benchmark (engine vs "
+                   "transformers generate()) instead of the kernel benchmark; writes e2e_results.json/.md, "
+                   "e2e_table.txt to --out")
+    e.add_argument("--e2e-models", nargs="+", default=None, metavar="NAME",
+                   help="smollm2-135m, llama3-8b, tiny (default: the first two on CUDA; tiny on CPU or with --tiny)")
+    e.add_argument("--e2e-impls", nargs="+", default=None, metavar="NAME",
+                   help="flashdecode, flashdecode-graphs, hf-dynamic, hf-static, hf-static-compile "
+                        "(default: all but hf-static-compile)")
+    e.add_argument("--e2e-workloads", nargs="+", default=None, metavar="NAME", help="batch1, throughput (default both)")
+    e.add_argument("--e2e-dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32")
+    e.add_argument("--e2e-repeats", type=int, default=2, help="timed batch-1 runs, best kept (default 2)")
+    e.add_argument("--hf-batch", type=int, default=64, help="transformers batch size for the throughput workload "
+                   "(default 64; halved on out-of-memory)")
+    e.add_argument("--max-model-len", type=int, default=2048, help="flashdecode engine context (default 2048)")
+    e.add_argument("--kv-cache-gb", type=float, default=None, help="flashdecode KV pool (default: what the "
+                   "throughput workload needs, capped by free memory)")
     return p
 
 
@@ -87,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(line_buffering=True)  # progress shows while it runs, also through pipes
     except Exception:
         pass
+    if args.e2e:
+        from flashdecode.bench import e2e  # noqa: PLC0415
+
+        return e2e.main(e2e.options_from_args(args))
     from flashdecode.bench import report  # noqa: PLC0415
 
     if args.summary:

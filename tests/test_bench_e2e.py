@@ -230,3 +230,23 @@ def test_resolvers():
         e2e.resolve_impls(["vllm"], cpu)
     with pytest.raises(ValueError):
         e2e.resolve_workloads(["latency"])
+
+
+def test_untied_shape_runs_and_agrees(tmp_path, monkeypatch):
+    """The 8B shape's features on a tiny model: untied lm_head, rope_theta 500000, GQA 4/2."""
+    shape = dict(e2e.MODEL_SHAPES["tiny"], tie_word_embeddings=False, rope_theta=500000.0)
+    monkeypatch.setitem(e2e.MODEL_SHAPES, "tiny", shape)
+    res = e2e.run(_opts(tmp_path, workloads=["batch1"]), log=_quiet, ceilings=CEIL)
+    rows = {r["impl"]: r for r in res["rows"]}
+    assert all(r["status"] == "ok" for r in rows.values())
+    assert rows["flashdecode"]["greedy_agree_with_hf"] >= 1
+    assert rows["flashdecode"]["bytes_per_step"] == e2e.batch1_bytes_per_step(shape, 24, 8, 4)
+
+
+def test_graph_row_is_compared_with_eager():
+    rows = [_row("m", "batch1", "flashdecode", 10.0, first_tokens=[1, 2, 3]),
+            _row("m", "batch1", "flashdecode-graphs", 12.0, first_tokens=[1, 2, 5], graph_replays=7)]
+    res = e2e.derive({"rows": rows, "ceilings": {}})
+    g = res["rows"][1]
+    assert g["greedy_agree_with_eager"] == 2
+    assert "MISMATCH" in e2e.format_report(res) and "7 graph replays" in e2e.format_report(res)

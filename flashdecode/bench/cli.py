@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--hf-batch", type=int, default=64, help="transformers batch size for the throughput workload "
                    "(default 64; halved on out-of-memory)")
     e.add_argument("--max-model-len", type=int, default=2048, help="flashdecode engine context (default 2048)")
+    e.add_argument("--e2e-no-full-warmup", action="store_true", help="flashdecode throughput: skip the untimed "
+                   "first pass of the whole workload (kernel compiles may then land in the timed run)")
     e.add_argument("--kv-cache-gb", type=float, default=None, help="flashdecode KV pool (default: what the "
                    "throughput workload needs, capped by free memory)")
     return p

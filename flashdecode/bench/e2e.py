@@ -115,6 +115,7 @@ class E2EOptions:
     max_model_len: int = 2048
     kv_cache_gb: float | None = None  # None: what the throughput workload needs, capped by free memory
     ceiling_gb: float = 2.0
+    full_warmup: bool = True  # flashdecode throughput: an untimed first pass of the whole workload
     init_std: float = 0.02
     write: bool = True  # write the reports under `out`
 
@@ -391,7 +392,7 @@ def fd_batch1(llm, wl: Workload, vocab: int, seed: int, repeats: int, device: to
               log: Callable[[str], None]) -> dict[str, Any]:
     P, N = wl.batch1_prompt, wl.batch1_new
     warm = _batch1_prompts(wl, vocab, seed, 1, salt=1)[0]
-    llm.generate([warm], _greedy(min(16, N)))
+    llm.generate([warm], _greedy(N))  # a full run: every kernel specialisation is compiled before timing
     llm.generate([warm[: max(1, P // 2)]], _greedy(min(16, N)))
     prefill = []
     for p in _batch1_prompts(wl, vocab, seed, 3, salt=2):
@@ -438,20 +439,26 @@ def _warmup_requests(requests: list[tuple[list[int], int]], max_seqs: int = 256)
         b = i.bit_length()
         prompts.append(requests[i % len(requests)][0][:16])
         outs.append(2 + max(0, 8 - b))
-    for p, _ in requests[:32]:
+    for p, _ in requests[:64]:
         prompts.append(p)
         outs.append(4)
     return prompts, outs
 
 
 def fd_throughput(llm, requests: list[tuple[list[int], int]], device: torch.device,
-                  log: Callable[[str], None]) -> dict[str, Any]:
+                  log: Callable[[str], None], full_warmup: bool = True) -> dict[str, Any]:
     from flashdecode.engine.sampling import SamplingParams  # noqa: PLC0415
 
     wp, wo = _warmup_requests(requests)
     _, ws = _timed(lambda: llm.generate(wp, [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True)
                                              for o in wo]), device)
     log(f"      warm-up: {len(wp)} short requests in {ws:.2f} s")
+    first_pass = None
+    if full_warmup:  # Triton compiles kernel variants for lengths/batch sizes met only in the real workload
+        llm.reset_prefix_cache()
+        _, first_pass = _timed(lambda: llm.generate([p for p, _ in requests], [
+            SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for _, o in requests]), device)
+        log(f"      untimed first pass of the workload: {first_pass:.2f} s")
     llm.reset_prefix_cache()
     params = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for _, o in requests]
     before = _stats(llm)
@@ -464,6 +471,7 @@ def fd_throughput(llm, requests: list[tuple[list[int], int]], device: torch.devi
         "requested_tokens": requested,
         "tokens_per_s": requested / total if total > 0 else None,
         "engine_stats": _delta(_stats(llm), before),
+        "first_pass_s": first_pass,
     }
     if produced != requested:
         res["note"] = f"produced {produced} tokens, {requested} requested"
@@ -525,8 +533,10 @@ def hf_batch1(model, cache: str, wl: Workload, vocab: int, seed: int, repeats: i
 def hf_throughput(model, cache: str, requests: list[tuple[list[int], int]], batch_size: int, device: torch.device,
                   log: Callable[[str], None]) -> dict[str, Any]:
     bs = max(1, min(batch_size, len(requests)))
-    errors = []
+    errors: list[str] = []
     while True:
+        if errors:
+            _free(device)  # outside the except block, so the failed attempt's tensors are released
         try:
             return _hf_throughput_once(model, cache, requests, bs, device, log) | (
                 {"note_extra": "; ".join(errors)} if errors else {})
@@ -535,7 +545,6 @@ def hf_throughput(model, cache: str, requests: list[tuple[list[int], int]], batc
                 raise
             errors.append(f"batch {bs} ran out of memory ({str(exc).splitlines()[0][:80]})")
             log(f"      out of memory at batch {bs}; retrying with {bs // 2}")
-            _free(device)
             bs //= 2
 
 
@@ -757,7 +766,7 @@ def _run_impl(impl, todo, hf, requests, shape, wl, vocab, dtype, dbytes, device,
                     if impl == "hf-static-compile":
                         raise _Skip("static cache + compile recompiles for every batch shape; batch 1 only")
                     if impl in OURS:
-                        res = fd_throughput(llm, requests, device, log)
+                        res = fd_throughput(llm, requests, device, log, full_warmup=opts.full_warmup)
                     else:
                         res = hf_throughput(hf, impl[3:], requests, opts.hf_batch, device, log)
                 extra = "; ".join(x for x in (r.get("note"), res.pop("note", None), res.pop("note_extra", None)) if x)
@@ -816,6 +825,7 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
         peers = [r for r in rows if r.get("group") == "peer" and _ok(r)]
         best = max(peers, key=lambda r: r["tokens_per_s"]) if peers else None
         ref = next((r for r in rows if r["impl"] == "hf-dynamic" and r.get("first_tokens")), None)
+        eager = next((r for r in rows if r["impl"] == "flashdecode" and r.get("first_tokens")), None)
         for r in rows:
             r["best_hf"] = best["impl"] if best else None
             r["speedup_vs_best_hf"] = None
@@ -828,14 +838,21 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
             if r["workload"] == "batch1" and r["roofline_tokens_per_s"]:
                 r["pct_roofline"] = 100.0 * r["tokens_per_s"] / r["roofline_tokens_per_s"]
             if ref is not None and r.get("first_tokens") and r is not ref:
-                n = 0
-                for a, b in zip(r["first_tokens"], ref["first_tokens"]):
-                    if a != b:
-                        break
-                    n += 1
-                r["greedy_agree_with_hf"] = n
+                r["greedy_agree_with_hf"] = _common_prefix(r["first_tokens"], ref["first_tokens"])
+            if eager is not None and r["impl"] == "flashdecode-graphs" and r.get("first_tokens"):
+                # graph replay must equal eager execution: same tokens
+                r["greedy_agree_with_eager"] = _common_prefix(r["first_tokens"], eager["first_tokens"])
     results["targets"] = evaluate_targets(results)
     return results
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _best_ours(results, model: str, workload: str, key: str) -> dict[str, Any] | None:
@@ -883,7 +900,10 @@ def _cell(r: dict[str, Any], width: int = 90) -> str:
         if st.get("preemptions"):
             bits.append(f"{st['preemptions']} preemptions")
         if r.get("graph_replays") is not None:
-            bits.append(f"{r['graph_replays']} graph replays")
+            bits.append(f"{r['graph_replays']} graph replays" + (" (decode ran eagerly!)" if not r["graph_replays"] else ""))
+        if r.get("greedy_agree_with_eager") is not None:
+            n, total = r["greedy_agree_with_eager"], len(r.get("first_tokens") or [])
+            bits.append(f"== eager for {n}/{total} tok" + ("" if n == total else " (MISMATCH)"))
         if r.get("greedy_agree_with_hf") is not None:
             bits.append(f"agrees with hf for {r['greedy_agree_with_hf']} tok")
         if r.get("note"):
@@ -982,7 +1002,8 @@ def options_from_args(args) -> E2EOptions:
     return E2EOptions(device=args.device, models=args.e2e_models or [], impls=args.e2e_impls or [],
                       workloads=args.e2e_workloads or [], out=args.out, budget_s=args.budget, tiny=args.tiny,
                       seed=args.seed, dtype=args.e2e_dtype, hf_batch=args.hf_batch, repeats=args.e2e_repeats,
-                      max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb, ceiling_gb=args.ceiling_gb)
+                      max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb, ceiling_gb=args.ceiling_gb,
+                      full_warmup=not args.e2e_no_full_warmup)
 
 
 def main(opts: E2EOptions, log: Callable[[str], None] = print) -> int:

@@ -24,7 +24,7 @@
 #   WHEELS_DIR    where the wheels are (default wheels)
 #   E2E           1: after the kernel benchmark, run the end-to-end benchmark (`--e2e`: engine vs transformers
 #                 generate() on random-weight SmolLM2-135M and Llama-3-8B shapes; default 0)
-#   E2E_BUDGET    seconds after which the end-to-end benchmark starts no new row (default 420; a row already
+#   E2E_BUDGET    seconds after which the end-to-end benchmark starts no new row (default 400; a row already
 #                 running finishes, up to about 90 s more); it is killed at E2E_BUDGET + 150
 #   E2E_ARGS      extra end-to-end arguments (e.g. "--e2e-models smollm2-135m --e2e-impls flashdecode hf-dynamic")
 #
@@ -177,7 +177,7 @@ fi
 
 E2E_STATUS="not run"
 if [ "${E2E:-0}" = "1" ]; then
-    E2E_BUDGET="${E2E_BUDGET:-420}"
+    E2E_BUDGET="${E2E_BUDGET:-400}"
     section "end-to-end benchmark: python -m flashdecode.bench --e2e --out $BENCH_OUT --budget $E2E_BUDGET ${E2E_ARGS:-}"
     # shellcheck disable=SC2086
     timeout -s TERM -k 15 $(( E2E_BUDGET + 150 )) "$PY" -m flashdecode.bench --e2e --out "$BENCH_OUT" \

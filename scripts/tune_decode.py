@@ -6,7 +6,13 @@ The heuristics in flashdecode/attention/heuristics.py are tuned from this output
 inputs are not rotated, so shapes whose K/V fit in L2 (about 50 MB) read warm here and look
 faster than in the benchmark, which keeps L2 cold; compare such shapes there.
 
-Usage: python scripts/tune_decode.py [--quick] [--out sweep.json]
+With ``--paged-variants`` every paged shape is timed under both gather modes of the paged K/V
+(``FLASHDECODE_PAGED_GATHER=row``: one block-table lookup per key slot; ``page``: one per page,
+see heuristics.gather_page), and a summary gives each mode's time at the heuristic's config and
+its best, next to the contiguous cache. ``--heuristic-only`` times only the heuristic's config (a
+quick A/B of the modes).
+
+Usage: python scripts/tune_decode.py [--quick] [--paged-variants] [--heuristic-only] [--out sweep.json]
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import statistics
 import sys
 import time
@@ -82,59 +89,105 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--budget", type=float, default=240.0, help="seconds; stops starting shapes after this")
+    ap.add_argument("--paged-variants", action="store_true",
+                    help="time paged shapes under both FLASHDECODE_PAGED_GATHER modes (row, page)")
+    ap.add_argument("--heuristic-only", action="store_true", help="time only the heuristic's tile config and splits")
     args = ap.parse_args()
     original = heuristics.choose_tiles
     sms = launch.num_sms(torch.device("cuda"))
     results = []
+    summary = {}  # (shape, layout) -> (heuristic us, best us)
+    env_before = os.environ.get(launch.PAGED_GATHER_ENV)
     start = time.time()
     for (b, l, hq, hk, d), paged in itertools.product(SHAPES, (False, True)):
         if time.time() - start > args.budget:
             print("budget spent; stopping", flush=True)
             break
         inputs = make_inputs(b, l, hq, hk, d, paged)
-        kv_bytes = 2 * b * l * hk * d * 2
-        base = original(d, 2, hq // hk)
-        base_splits = heuristics.choose_num_splits(0, b, hk, 1, l, base.block_n, sms)
-        block_ns = [16, 32, 64] if d > 128 else [32, 64, 128]
-        variants = []
-        for bn, warps, stages in itertools.product(block_ns, (4, 8), (2, 3, 4)):
-            n_tiles = heuristics.cdiv(l, bn)
-            wanted = heuristics.choose_num_splits(0, b, hk, 1, l, bn, sms)
-            for splits in sorted({wanted, max(1, wanted // 2), min(n_tiles, wanted * 2)}):
-                variants.append((bn, warps, stages, splits))
-        if args.quick:
-            variants = variants[::3]
-        best = None
-        base_us = None
-        for bn, warps, stages, splits in variants:
-            cfg = heuristics.TileConfig(block_m=base.block_m, block_n=bn, num_warps=warps, num_stages=stages)
-            heuristics.choose_tiles = lambda *a, _cfg=cfg: _cfg
+        modes = ("row", "page") if paged and args.paged_variants else (env_before,)
+        for mode in modes:
+            if mode is None:
+                os.environ.pop(launch.PAGED_GATHER_ENV, None)
+            else:
+                os.environ[launch.PAGED_GATHER_ENV] = mode
             try:
-                us = time_graph(lambda: flash_attn_with_kvcache(**inputs, num_splits=splits))
-            except Exception as exc:  # out of shared memory, etc.
-                print(f"  bn={bn} w={warps} st={stages} s={splits}: error {type(exc).__name__}", flush=True)
-                continue
+                layout = "contig" if not paged else f"paged16-{mode or heuristics.PAGED_GATHER_DEFAULT}"
+                summary[((b, l, hq, hk, d), layout)] = sweep_shape(args, inputs, (b, l, hq, hk, d), paged, layout,
+                                                                   original, sms, results)
             finally:
-                heuristics.choose_tiles = original
-            row = dict(shape=[b, l, hq, hk, d], paged=paged, block_n=bn, warps=warps, stages=stages, splits=splits,
-                       us=us, gbps=kv_bytes / us / 1e3)
-            results.append(row)
-            if (bn, warps, stages, splits) == (base.block_n, base.num_warps, base.num_stages, base_splits):
-                base_us = us
-            if best is None or us < best["us"]:
-                best = row
-        if base_us is None:
-            heuristics.choose_tiles = original
-            base_us = time_graph(lambda: flash_attn_with_kvcache(**inputs))
-        print(f"{b},{l},{hq}/{hk},{d} {'paged16' if paged else 'contig '}: heuristic {base_us:7.1f} us "
-              f"(bn={base.block_n} w={base.num_warps} st={base.num_stages} s={base_splits}) | best {best['us']:7.1f} us "
-              f"({best['gbps']:.0f} GB/s) bn={best['block_n']} w={best['warps']} st={best['stages']} s={best['splits']}",
-              flush=True)
+                if env_before is None:
+                    os.environ.pop(launch.PAGED_GATHER_ENV, None)
+                else:
+                    os.environ[launch.PAGED_GATHER_ENV] = env_before
         del inputs
         torch.cuda.empty_cache()
+    if args.paged_variants:
+        print("\nheuristic config (best of the sweep), us; ratio = paged / contiguous at the heuristic config")
+        for shape in SHAPES:
+            c = summary.get((shape, "contig"))
+            r, g = summary.get((shape, "paged16-row")), summary.get((shape, "paged16-page"))
+            if not (c and r and g):
+                continue
+            print(f"{','.join(map(str, shape))}: contig {c[0]:7.1f} ({c[1]:.1f}) | row {r[0]:7.1f} ({r[1]:.1f}) "
+                  f"ratio {r[0] / c[0]:.2f} | page {g[0]:7.1f} ({g[1]:.1f}) ratio {g[0] / c[0]:.2f} | "
+                  f"page/row {g[0] / r[0]:.3f}", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0
+
+
+def sweep_shape(args, inputs, shape, paged, layout, original, sms, results) -> tuple[float, float]:
+    """Times the variants of one shape under the current environment; returns (heuristic us, best us)."""
+    b, l, hq, hk, d = shape
+    kv_bytes = 2 * b * l * hk * d * 2
+    base = original(d, 2, hq // hk)
+    base_splits = heuristics.choose_num_splits(0, b, hk, 1, l, base.block_n, sms)
+    block_ns = [16, 32, 64] if d > 128 else [32, 64, 128]
+    variants = []
+    for bn, warps, stages in itertools.product(block_ns, (4, 8), (2, 3, 4)):
+        n_tiles = heuristics.cdiv(l, bn)
+        wanted = heuristics.choose_num_splits(0, b, hk, 1, l, bn, sms)
+        for splits in sorted({wanted, max(1, wanted // 2), min(n_tiles, wanted * 2)}):
+            variants.append((bn, warps, stages, splits))
+    if args.quick:
+        variants = variants[::3]
+    if args.heuristic_only:
+        variants = []
+
+    def record(bn, warps, stages, splits, us):
+        row = dict(shape=[b, l, hq, hk, d], paged=paged, layout=layout, block_n=bn, warps=warps, stages=stages,
+                   splits=splits, us=us, gbps=kv_bytes / us / 1e3)
+        results.append(row)
+        return row
+
+    best = None
+    base_us = None
+    for bn, warps, stages, splits in variants:
+        cfg = heuristics.TileConfig(block_m=base.block_m, block_n=bn, num_warps=warps, num_stages=stages)
+        heuristics.choose_tiles = lambda *a, _cfg=cfg: _cfg
+        try:
+            us = time_graph(lambda: flash_attn_with_kvcache(**inputs, num_splits=splits))
+        except Exception as exc:  # out of shared memory, etc.
+            print(f"  bn={bn} w={warps} st={stages} s={splits}: error {type(exc).__name__}", flush=True)
+            continue
+        finally:
+            heuristics.choose_tiles = original
+        row = record(bn, warps, stages, splits, us)
+        if (bn, warps, stages, splits) == (base.block_n, base.num_warps, base.num_stages, base_splits):
+            base_us = us
+        if best is None or us < best["us"]:
+            best = row
+    if base_us is None:
+        heuristics.choose_tiles = original
+        base_us = time_graph(lambda: flash_attn_with_kvcache(**inputs))
+        row = record(base.block_n, base.num_warps, base.num_stages, base_splits, base_us)
+        if best is None or base_us < best["us"]:
+            best = row
+    print(f"{b},{l},{hq}/{hk},{d} {layout:13s}: heuristic {base_us:7.1f} us "
+          f"(bn={base.block_n} w={base.num_warps} st={base.num_stages} s={base_splits}) | best {best['us']:7.1f} us "
+          f"({best['gbps']:.0f} GB/s) bn={best['block_n']} w={best['warps']} st={best['stages']} s={best['splits']}",
+          flush=True)
+    return base_us, best["us"]
 
 
 if __name__ == "__main__":

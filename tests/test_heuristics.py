@@ -117,3 +117,21 @@ def test_pipeline_depth_is_capped_by_the_tiles_of_a_split():
     assert hz.cap_stages(cfg, 4096, 1).num_stages == 3
     assert hz.cap_stages(cfg, 64, 1).num_stages == 2  # never below 2
     assert hz.cap_stages(cfg, 4096, 32).block_n == 64
+
+
+@pytest.mark.parametrize("page, block_n, want", [
+    (1, 64, 1), (2, 64, 2), (4, 128, 4), (16, 64, 16), (16, 32, 16), (32, 64, 32),
+    (16, 16, 0),  # a page per tile: read once per tile already (TILE_IN_PAGE)
+    (64, 64, 0), (256, 64, 0), (3, 64, 0), (48, 64, 0), (24, 128, 0),  # not a power of two below the tile
+])
+def test_gather_page_applies_to_powers_of_two_below_the_key_tile(page, block_n, want):
+    assert hz.gather_page(page, block_n, "page") == want
+    assert hz.gather_page(page, block_n, "row") == 0
+    default = want if hz.PAGED_GATHER_DEFAULT == "page" else 0
+    assert hz.gather_page(page, block_n) == hz.gather_page(page, block_n, "auto") == hz.gather_page(page, block_n, "") == default
+
+
+def test_gather_page_default_and_bad_mode():
+    assert hz.PAGED_GATHER_DEFAULT in hz.PAGED_GATHER_MODES
+    with pytest.raises(ValueError, match="paged gather mode"):
+        hz.gather_page(16, 64, "tile")

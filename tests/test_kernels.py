@@ -280,6 +280,94 @@ def test_kernels_match_brute_force_for_every_split_count(spec, device):
         assert (out.float() - base_out.float()).abs().max().item() <= 2 * TOL[spec.dtype][0]
 
 
+# ---- paged gather variants (FLASHDECODE_PAGED_GATHER) --------------------------------------
+
+
+def _gather_spec(page_size: int, windowed: bool) -> Spec:
+    """GQA 4:1, D=32 (key tiles of 128 slots), 400-slot capacity (4 tiles: 3 splits leave one
+    empty), leftpad, and either a causal left window (masked tiles at both ends of the range,
+    unmasked ones in between) or a non-causal call with ALiBi and a right window."""
+    cap = 400
+    return Spec(
+        f"gather-page{page_size}-{'causal-window' if windowed else 'alibi-right'}", q_lens=(1, 2, 1),
+        cache_lens=(397, 150, 260), new_lens=(1, 2, 0), heads=8, kv_heads=2, head_dim=32, dtype=torch.bfloat16,
+        page_size=page_size, max_pages=-(-cap // page_size), leftpad=(0, 37, 5),
+        causal=windowed, window=(230, 0) if windowed else (-1, 100), alibi=not windowed, splits=(1, 3),
+    )
+
+
+class _KernelSpy:
+    """Stands in for `attention_split_kernel` in launch.py and records the constexprs it gets."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("page_size, windowed", [(1, True), (2, False), (4, True), (16, True), (16, False), (3, True)])
+def test_paged_gather_modes_match_brute_force(page_size, windowed, device, monkeypatch):
+    """Both gather modes equal the float64 brute force and each other bit for bit; ``page`` reaches
+    the kernel as GATHER_PAGE = page size for powers of two below the key tile, and a page of 3
+    falls back to the per-slot lookup."""
+    launch = _launch()
+    spy = _KernelSpy(launch.attention_split_kernel)
+    monkeypatch.setattr(launch, "attention_split_kernel", spy)
+    spec = _gather_spec(page_size, windowed)
+    p = build(spec, device, seed=page_size)
+    want_out, want_lse, _, _ = brute_force(p)
+    block_n = launch._plan(p)[0].block_n
+    assert page_size < block_n
+    for n in spec.splits:
+        assert launch._plan(dataclasses.replace(p, num_splits=n))[2] == n
+        got = {}
+        for mode in ("row", "page"):
+            monkeypatch.setenv("FLASHDECODE_PAGED_GATHER", mode)
+            out, lse, _, _ = run_triton(p, n)
+            want_gather = page_size if mode == "page" and page_size & (page_size - 1) == 0 else 0
+            assert spy.calls[-1]["GATHER_PAGE"] == want_gather
+            assert_close_attention(out, lse, want_out, want_lse, spec.dtype, f"{spec.name} {mode} splits={n}")
+            got[mode] = (out, lse)
+        assert torch.equal(got["row"][0], got["page"][0]) and torch.equal(got["row"][1], got["page"][1])
+
+
+@pytest.mark.interpreter
+def test_paged_gather_env_override_is_read_at_each_call(device, monkeypatch):
+    """Unset follows the heuristic's default, ``row``/``page`` are honoured (same results), and an
+    unknown value is refused."""
+    from flashdecode.attention import heuristics
+
+    launch = _launch()
+    spy = _KernelSpy(launch.attention_split_kernel)
+    monkeypatch.setattr(launch, "attention_split_kernel", spy)
+    spec = Spec("gather-env", q_lens=(1, 1), cache_lens=(40, 23), new_lens=(0, 0), heads=4, kv_heads=2, head_dim=16,
+                page_size=8, max_pages=6)
+    p = build(spec, device, seed=4)
+    block_n = launch._plan(p)[0].block_n
+    results = {}
+    for mode in (None, "row", "page", " Page ", "auto"):
+        if mode is None:
+            monkeypatch.delenv("FLASHDECODE_PAGED_GATHER", raising=False)
+        else:
+            monkeypatch.setenv("FLASHDECODE_PAGED_GATHER", mode)
+        results[mode] = run_triton(p, 2)[:2]
+        used = spy.calls[-1]["GATHER_PAGE"]
+        expect = heuristics.gather_page(8, block_n, None if mode in (None, "auto") else mode.strip().lower())
+        assert used == expect, (mode, used)
+    assert spy.calls[-4]["GATHER_PAGE"] == 0 and spy.calls[-3]["GATHER_PAGE"] == 8  # row, page
+    for out, lse in results.values():
+        assert torch.equal(out, results["row"][0]) and torch.equal(lse, results["row"][1])
+    monkeypatch.setenv("FLASHDECODE_PAGED_GATHER", "tile")
+    with pytest.raises(ValueError, match="paged gather mode"):
+        run_triton(p, 1)
+
+
 @pytest.mark.interpreter
 def test_no_write_and_no_read_outside_the_pool_with_bad_lengths(device):
     """During CUDA-graph capture the host checks are skipped: bad lengths and block-table entries

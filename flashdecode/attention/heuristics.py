@@ -108,6 +108,41 @@ def cap_stages(cfg: TileConfig, max_keys: int, splits: int) -> TileConfig:
     return TileConfig(block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=stages)
 
 
+# Gather mode of paged K/V: "row" looks up the block table once per key slot (any page size);
+# "page" reads the BLOCK_N // page_size entries of a key tile once and repeats each for the slots
+# of its page, with the in-page slot a constant mask (page size a compile-time power of two below
+# BLOCK_N). Both read the same addresses with the same floating-point code. NOT YET MEASURED ON A
+# GPU. Compiled for sm_90 without a GPU (triton 3.6, as on the H200 runs, and 3.9), "page" was
+# leaner in every kernel variant compiled: the unmasked decode loop (bf16, D=128, BLOCK_N=64,
+# 4 warps, page 16) has 354 vs 797 SASS instructions per key tile (the contiguous cache's loop
+# has 421), 187 vs 232 registers, no integer division, and the same 16-byte cp.async K/V loads,
+# pipeline depth (2 copy groups in flight) and shared memory. Hence on by default;
+# FLASHDECODE_PAGED_GATHER=row (launch.py) restores the per-slot lookup.
+PAGED_GATHER_MODES = ("row", "page")
+PAGED_GATHER_DEFAULT = "page"
+
+
+def is_pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def gather_page(page_size: int, block_n: int, mode: str | None = None) -> int:
+    """The kernel's ``GATHER_PAGE``: ``page_size`` if key tiles read their block-table entries once
+    per page, 0 if once per key slot (or once per tile, when the page is a multiple of ``block_n``).
+
+    ``mode`` is ``"row"``, ``"page"``, or ``None``/``""``/``"auto"`` for ``PAGED_GATHER_DEFAULT``.
+    The per-page gather applies only to page sizes that are powers of two smaller than ``block_n``;
+    other page sizes keep their path whatever ``mode`` says.
+    """
+    if mode in (None, "", "auto"):
+        mode = PAGED_GATHER_DEFAULT
+    if mode not in PAGED_GATHER_MODES:
+        raise ValueError(f"paged gather mode must be one of {PAGED_GATHER_MODES} or 'auto', got {mode!r}")
+    if mode == "page" and is_pow2(page_size) and page_size < block_n:
+        return page_size
+    return 0
+
+
 def num_query_tiles(max_seqlen_q: int, group: int, block_m: int) -> int:
     """Number of M tiles per (sequence, KV head): rows are ``position * group + head_in_group``."""
     return max(1, cdiv(max(1, max_seqlen_q) * group, block_m))

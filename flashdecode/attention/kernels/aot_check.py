@@ -17,9 +17,12 @@ from typing import Any
 
 ATTENTION_VARIANTS: dict[str, dict[str, Any]] = {
     "decode-split-page16": dict(TILE_IN_PAGE=False),
+    "decode-split-gather16": dict(TILE_IN_PAGE=False, GATHER_PAGE=16),
     "decode-split-in-page": dict(),
     "decode-all-features": dict(SPLIT=False, HAS_WINDOW_LEFT=True, HAS_SOFTCAP=True, HAS_ALIBI=True, ROTARY_DIM=64,
                                 ROTARY_INTERLEAVED=False),
+    "decode-features-gather4": dict(SPLIT=False, TILE_IN_PAGE=False, GATHER_PAGE=4, HAS_WINDOW_LEFT=True,
+                                    HAS_SOFTCAP=True, HAS_ALIBI=True, ROTARY_DIM=64, ROTARY_INTERLEAVED=False),
     "decode-d80": dict(HEAD_DIM=80, TILE_IN_PAGE=False, ROTARY_DIM=80),
     "decode-mqa": dict(BLOCK_M=32, GROUP=32),
     "decode-d256-fp16": dict(dtype="fp16", HEAD_DIM=256, HEAD_DIM_P2=256, BLOCK_N=32, num_stages=2),
@@ -59,7 +62,7 @@ def attention_variant(**kw: Any) -> Any:
     dt = kw.pop("dtype", "bf16")
     num_warps, num_stages = kw.pop("num_warps", 4), kw.pop("num_stages", 3)
     consts: dict[str, Any] = dict(
-        GROUP=4, HEAD_DIM=128, HEAD_DIM_P2=128, BLOCK_M=16, BLOCK_N=64, SPLIT=True, TILE_IN_PAGE=True,
+        GROUP=4, HEAD_DIM=128, HEAD_DIM_P2=128, BLOCK_M=16, BLOCK_N=64, SPLIT=True, TILE_IN_PAGE=True, GATHER_PAGE=0,
         HAS_WINDOW_LEFT=False, HAS_WINDOW_RIGHT=True, HAS_SOFTCAP=False, HAS_ALIBI=False, ROTARY_DIM=0,
         ROTARY_INTERLEAVED=True, ROTARY_PER_POSITION=True, DOT_FP32=False,
         stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1,

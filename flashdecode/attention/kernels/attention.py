@@ -10,6 +10,12 @@ softmax uses ``exp2``. Key tiles are aligned to absolute slots; the key loop run
 masked tiles before the range every row fully sees, unmasked tiles, masked tiles after it. With a
 single split the program writes the final output and LSE; otherwise a float32 partial output and
 a log2-domain LSE that `combine.py` merges.
+
+Paged K/V: a key tile finds the page of each slot in the block table. A page that is a multiple
+of the tile takes one entry per tile (``TILE_IN_PAGE``); a page that is a power of two below the
+tile (``GATHER_PAGE``, e.g. 16) takes the tile's few entries as one small vector, repeats each
+for its page's slots and uses a constant in-page slot per row; any other page size looks up each
+slot (a division by the runtime page size per slot). All read the same addresses.
 """
 
 from __future__ import annotations
@@ -25,9 +31,23 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _page_ids(BT_ROW, start, max_pages, page_size, BLOCK_N: tl.constexpr, TILE_IN_PAGE: tl.constexpr):
-    """Page id of each slot of the key tile at ``start`` (-1 past the block table)."""
-    if TILE_IN_PAGE:
+def _page_ids(
+    BT_ROW, start, max_pages, page_size, BLOCK_N: tl.constexpr, TILE_IN_PAGE: tl.constexpr, GATHER_PAGE: tl.constexpr
+):
+    """Page id of each slot of the key tile at ``start`` (-1 past the block table).
+
+    ``GATHER_PAGE`` (a power of two that divides ``BLOCK_N``, or 0): the tile's
+    ``BLOCK_N // GATHER_PAGE`` block-table entries are read once as a small vector and each one is
+    repeated for the ``GATHER_PAGE`` slots of its page, instead of one lookup (and one integer
+    division by the runtime page size) per slot. ``start`` must then be a multiple of ``BLOCK_N``
+    (every processed tile is).
+    """
+    if GATHER_PAGE > 0:
+        NP: tl.constexpr = BLOCK_N // GATHER_PAGE
+        pidx = start // GATHER_PAGE + tl.arange(0, NP)
+        pg = tl.load(BT_ROW + pidx, mask=pidx < max_pages, other=-1)
+        page = tl.reshape(tl.broadcast_to(pg[:, None], (NP, GATHER_PAGE)), (BLOCK_N,))
+    elif TILE_IN_PAGE:
         pidx = start // page_size
         page = tl.load(BT_ROW + pidx, mask=pidx < max_pages, other=-1)
         page = page + tl.zeros([BLOCK_N], dtype=tl.int32)
@@ -68,6 +88,7 @@ def _key_tile(
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
     TILE_IN_PAGE: tl.constexpr,
+    GATHER_PAGE: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr,
     HAS_WINDOW_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
@@ -83,7 +104,10 @@ def _key_tile(
     offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_P2)
     row_ok = (page >= 0) & (page < num_pages)
-    if TILE_IN_PAGE:
+    if GATHER_PAGE > 0:
+        # start is a multiple of BLOCK_N, hence of the page: the in-page slot is fixed per row.
+        in_page = (tl.arange(0, BLOCK_N) & (GATHER_PAGE - 1)).to(tl.int64)
+    elif TILE_IN_PAGE:
         in_page = ((start % page_size) + tl.arange(0, BLOCK_N)).to(tl.int64)
     else:
         in_page = (offs_n % page_size).to(tl.int64)
@@ -195,6 +219,7 @@ def attention_split_kernel(
     BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr,
     TILE_IN_PAGE: tl.constexpr,
+    GATHER_PAGE: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr,
     HAS_WINDOW_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
@@ -302,36 +327,36 @@ def attention_split_kernel(
 
     # The block-table entries of the next tile are read one iteration ahead, so that the K/V
     # loads do not wait on a load of the same iteration and pipeline as deep as num_stages allows.
-    page = _page_ids(BT_ROW, s_lo, max_pages, page_size, BLOCK_N, TILE_IN_PAGE)
+    page = _page_ids(BT_ROW, s_lo, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE)
     for start in range(s_lo, full_lo, BLOCK_N):
-        page_next = _page_ids(BT_ROW, start + BLOCK_N, max_pages, page_size, BLOCK_N, TILE_IN_PAGE)
+        page_next = _page_ids(BT_ROW, start + BLOCK_N, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE)
         acc, l_i, m_i = _key_tile(
             acc, l_i, m_i, q, start, page, K_BASE, V_BASE, num_pages, page_size,
             stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
             kv_lo, kv_hi, rel_row, slope, qk_scale, softcap_log2, window_left, window_right,
-            HEAD_DIM, HEAD_DIM_P2, BLOCK_N, True, TILE_IN_PAGE,
+            HEAD_DIM, HEAD_DIM_P2, BLOCK_N, True, TILE_IN_PAGE, GATHER_PAGE,
             HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32,
         )
         page = page_next
-    page = _page_ids(BT_ROW, full_lo, max_pages, page_size, BLOCK_N, TILE_IN_PAGE)
+    page = _page_ids(BT_ROW, full_lo, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE)
     for start in range(full_lo, full_hi, BLOCK_N):
-        page_next = _page_ids(BT_ROW, start + BLOCK_N, max_pages, page_size, BLOCK_N, TILE_IN_PAGE)
+        page_next = _page_ids(BT_ROW, start + BLOCK_N, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE)
         acc, l_i, m_i = _key_tile(
             acc, l_i, m_i, q, start, page, K_BASE, V_BASE, num_pages, page_size,
             stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
             kv_lo, kv_hi, rel_row, slope, qk_scale, softcap_log2, window_left, window_right,
-            HEAD_DIM, HEAD_DIM_P2, BLOCK_N, False, TILE_IN_PAGE,
+            HEAD_DIM, HEAD_DIM_P2, BLOCK_N, False, TILE_IN_PAGE, GATHER_PAGE,
             HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32,
         )
         page = page_next
-    page = _page_ids(BT_ROW, full_hi, max_pages, page_size, BLOCK_N, TILE_IN_PAGE)
+    page = _page_ids(BT_ROW, full_hi, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE)
     for start in range(full_hi, s_hi, BLOCK_N):
-        page_next = _page_ids(BT_ROW, start + BLOCK_N, max_pages, page_size, BLOCK_N, TILE_IN_PAGE)
+        page_next = _page_ids(BT_ROW, start + BLOCK_N, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE)
         acc, l_i, m_i = _key_tile(
             acc, l_i, m_i, q, start, page, K_BASE, V_BASE, num_pages, page_size,
             stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
             kv_lo, kv_hi, rel_row, slope, qk_scale, softcap_log2, window_left, window_right,
-            HEAD_DIM, HEAD_DIM_P2, BLOCK_N, True, TILE_IN_PAGE,
+            HEAD_DIM, HEAD_DIM_P2, BLOCK_N, True, TILE_IN_PAGE, GATHER_PAGE,
             HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32,
         )
         page = page_next

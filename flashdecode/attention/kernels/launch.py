@@ -3,12 +3,21 @@
 Everything here is decided from shapes and device properties, never from tensor values: no host
 synchronisation and no data-dependent allocation, so a call can be captured in a CUDA graph and
 replayed after the caller changes ``cache_seqlens``, the block table or the cache contents.
+
+Tuning knob (read at each call, so also at CUDA-graph capture): ``FLASHDECODE_PAGED_GATHER``
+= ``row`` | ``page`` (unset or ``auto``: ``heuristics.PAGED_GATHER_DEFAULT``) picks how a key tile
+finds its pages when the page size is a power of two smaller than the key tile: ``row`` looks up
+the block table per key slot, ``page`` once per page (see ``heuristics.gather_page``). Both read
+the same addresses and run the same floating-point code (bit-identical in the interpreter tests);
+the knob exists to A/B their speed on a GPU
+(``python scripts/tune_decode.py --paged-variants``).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
@@ -20,6 +29,7 @@ from flashdecode.attention.kernels.combine import combine_splits_kernel
 from flashdecode.attention.problem import PackedProblem
 
 LOG2E = math.log2(math.e)
+PAGED_GATHER_ENV = "FLASHDECODE_PAGED_GATHER"
 # New keys per program of the append kernel.
 APPEND_BLOCK_T = 16
 
@@ -49,6 +59,12 @@ def _plan(p: PackedProblem) -> tuple[heuristics.TileConfig, int, int]:
         p.num_splits, p.batch, num_kv_heads, n_m_tiles, capacity, cfg.block_n, num_sms(p.q.device)
     )
     return heuristics.cap_stages(cfg, capacity, splits), n_m_tiles, splits
+
+
+def paged_gather_mode() -> str | None:
+    """``FLASHDECODE_PAGED_GATHER`` as set now (None if unset); validated by ``heuristics.gather_page``."""
+    mode = os.environ.get(PAGED_GATHER_ENV)
+    return None if mode is None else mode.strip().lower()
 
 
 def _rotary_tables(p: PackedProblem, dummy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
@@ -136,6 +152,7 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor) -> None:
         BLOCK_N=cfg.block_n,
         SPLIT=splits > 1,
         TILE_IN_PAGE=page_size % cfg.block_n == 0,
+        GATHER_PAGE=heuristics.gather_page(page_size, cfg.block_n, paged_gather_mode()),
         HAS_WINDOW_LEFT=p.window_left >= 0,
         HAS_WINDOW_RIGHT=p.window_right >= 0,
         HAS_SOFTCAP=softcap > 0.0,

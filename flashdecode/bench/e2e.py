@@ -693,7 +693,8 @@ def run(opts: E2EOptions, log: Callable[[str], None] = print, ceilings: dict[str
             hf = None
             try:
                 hf, s = _timed(lambda: build_hf_model(shape, device, dtype, opts.seed, opts.init_std), device)
-                log(f"   built in {s:.1f} s")
+                log(f"   built in {s:.1f} s (transformers attention: {getattr(hf.config, '_attn_implementation', '?')})")
+                results["settings"]["hf_attn_implementation"] = getattr(hf.config, "_attn_implementation", None)
             except Exception as exc:
                 log(f"   FAILED: {_error_text(exc)}")
                 for r in model_rows:

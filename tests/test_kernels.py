@@ -669,3 +669,9 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     for line in proc.stdout.splitlines():
         if line.split()[1].startswith(("decode", "prefill")):
             assert "async_copies=0" not in line, line
+        # The per-page gather keeps every K/V copy 16 bytes wide and spills nothing.
+        if "gather" in line.split()[1]:
+            fields = dict(f.split("=", 1) for f in line.split()[2:])
+            done, total = fields["cp16"].split("/")
+            assert done == total and int(total) > 0, line
+            assert fields.get("stack", "0") == "0", line

@@ -4,7 +4,8 @@ The interpreter runs the kernels' Python semantics but not Triton's compiler, so
 compiler rejects (or a loop it cannot pipeline) would only show on the GPU. This compiles the main
 variants for sm_90 with the integer specialisations a real launch gets (pointers and strides
 divisible by 16, unit last-dim strides) and prints, per variant, the shared memory and the number
-of asynchronous copies (0 would mean the K/V loads are not pipelined). Run it with
+of asynchronous copies (0 would mean the K/V loads are not pipelined), how many of the PTX cp.async
+copy 16 bytes, and the registers and stack bytes (spills) per thread. Run it with
 ``TRITON_INTERPRET`` unset. Exit status 1 if any variant fails to compile.
 """
 
@@ -51,9 +52,37 @@ def _compile(kernel: Any, ptr_types: dict[str, str], consts: dict[str, Any], flo
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
+def _resources(ck: Any) -> str:
+    """``regs=N stack=B`` (spilled or stacked bytes per thread) from the cubin, via triton's cuobjdump."""
+    import re
+    import subprocess
+    import tempfile
+
+    try:
+        from triton import knobs
+
+        tool = knobs.nvidia.cuobjdump.path
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(ck.asm["cubin"])
+            f.flush()
+            res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, timeout=60).stdout
+        regs, stack = re.search(r"REG:(\d+)", res).group(1), re.search(r"STACK:(\d+)", res).group(1)
+    except Exception:  # no cuobjdump in this triton: leave the figures out
+        return ""
+    return f" regs={regs} stack={stack}"
+
+
 def _summary(ck: Any) -> str:
+    """Shared memory, asynchronous copies in the TTGIR (0: K/V not pipelined), 16-byte cp.async in
+    the PTX out of all cp.async (vectorisation), and registers/stack per thread when available."""
+    import re
+
     ir = ck.asm.get("ttgir", "")
-    return f"shared={ck.metadata.shared} async_copies={ir.count('async_copy_global_to_local')}"
+    ptx = ck.asm.get("ptx", "")
+    cp_all = len(re.findall(r"cp\.async\.c[ag]\.shared\.global", ptx))
+    cp16 = len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*, 0x10", ptx))
+    return (f"shared={ck.metadata.shared} async_copies={ir.count('async_copy_global_to_local')} "
+            f"cp16={cp16}/{cp_all}{_resources(ck)}")
 
 
 def attention_variant(**kw: Any) -> Any:

@@ -642,7 +642,7 @@ def run(opts: E2EOptions, log: Callable[[str], None] = print, ceilings: dict[str
     results: dict[str, Any] = {
         "kind": "e2e",
         "meta": environment(device),
-        "options": asdict(opts),
+        "options": {**asdict(opts), "out": os.path.basename(os.path.normpath(str(opts.out)))},
         "settings": {"models": models, "impls": impls, "workloads": workloads, "dtype": str(dtype).replace("torch.", ""),
                      "workload": asdict(wl), "shapes": {m: MODEL_SHAPES[m] for m in models},
                      "engine": {"max_model_len": opts.max_model_len, "page_size": 16, "max_num_seqs": 256,

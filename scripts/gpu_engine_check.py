@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flashdecode import LLM, SamplingParams  # noqa: E402
+from flashdecode.bench.e2e import common_prefix_length  # noqa: E402
 
 SMOLLM2_SHAPE = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -71,15 +72,6 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], new_tokens: int, dtype:
     return outs
 
 
-def agreement(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", default=".gpu_assets/smollm2_tokenizer")
@@ -103,7 +95,7 @@ def main() -> int:
             sp = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
             ours = [o.token_ids for o in llm.generate(prompts, sp)]
             alone = [llm.generate([p], sp)[0].token_ids for p in prompts]
-            agree = [agreement(a, b) for a, b in zip(ours, ref)]
+            agree = [common_prefix_length(a, b) for a, b in zip(ours, ref)]
             results[f"greedy_{name}"] = {
                 "tokens_compared": args.new_tokens,
                 "agreeing_prefix_per_prompt": agree,

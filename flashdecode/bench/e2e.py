@@ -841,15 +841,16 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
             if r["workload"] == "batch1" and r["roofline_tokens_per_s"]:
                 r["pct_roofline"] = 100.0 * r["tokens_per_s"] / r["roofline_tokens_per_s"]
             if ref is not None and r.get("first_tokens") and r is not ref:
-                r["greedy_agree_with_hf"] = _common_prefix(r["first_tokens"], ref["first_tokens"])
+                r["greedy_agree_with_hf"] = common_prefix_length(r["first_tokens"], ref["first_tokens"])
             if eager is not None and r["impl"] == "flashdecode-graphs" and r.get("first_tokens"):
                 # graph replay must equal eager execution: same tokens
-                r["greedy_agree_with_eager"] = _common_prefix(r["first_tokens"], eager["first_tokens"])
+                r["greedy_agree_with_eager"] = common_prefix_length(r["first_tokens"], eager["first_tokens"])
     results["targets"] = evaluate_targets(results)
     return results
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two greedy runs share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:

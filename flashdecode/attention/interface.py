@@ -139,6 +139,7 @@ def pack_problem(
             cache_batch_idx,
             cache_leftpad,
             block_table,
+            table,
             cu_seqlens_q,
             cu_seqlens_k_new,
             0 if k_new is None else k_new.shape[0],

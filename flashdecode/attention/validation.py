@@ -277,6 +277,7 @@ def validate_values(
     cache_batch_idx: torch.Tensor | None,
     cache_leftpad: torch.Tensor | None,
     block_table: torch.Tensor | None,
+    packed_table: torch.Tensor,
     cu_seqlens_q: torch.Tensor | None,
     cu_seqlens_k_new: torch.Tensor | None,
     total_new: int,
@@ -288,6 +289,8 @@ def validate_values(
 
     `cache_seqlens` and `new_lens` are the per-sequence int32 tensors the packing step built.
     `query_rotary_span` is how many rotary rows past rotary_seqlens[b] each sequence needs.
+    `packed_table` is the block table with its rows already picked by `cache_batch_idx` (the
+    packing step built it), so it is not gathered twice.
     """
     checks: list[tuple[str, torch.Tensor]] = []
     end = cache_seqlens.long() + new_lens.long()
@@ -309,9 +312,7 @@ def validate_values(
             )
         )
     if block_table is not None:
-        rows = block_table
-        if cache_batch_idx is not None:
-            rows = block_table.index_select(0, cache_batch_idx.clamp(0, rows_available - 1).long())
+        rows = packed_table  # the rows of block_table that the sequences use, already picked
         page_size = k_cache.shape[1]
         needed_pages = (end + page_size - 1) // page_size  # pages holding slots [0, end)
         cols = torch.arange(rows.shape[1], device=rows.device)

@@ -91,7 +91,6 @@ def oracle(
     del max_seqlen_q  # a sizing hint only
     Q = _f64(q)
     KC = _f64(k_cache)
-    VC = _f64(v_cache)
 
     # ---- query layout ------------------------------------------------------------------------
     if cu_seqlens_q is not None:

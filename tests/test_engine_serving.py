@@ -132,8 +132,6 @@ def test_engine_skips_the_ops_value_checks_and_keeps_table_width_bucketed(model_
 def test_decode_graph_plumbing_with_an_eager_stand_in(model_dir, expected):
     """The CUDA-graph path's static buffers, batch buckets and padded rows (scratch page), with the
     capture replaced by plain re-execution (no GPU here): same tokens, scratch page only written."""
-    import torch
-
     from flashdecode.engine.graphs import DecodeGraphs, batch_buckets, eager_capture
 
     assert batch_buckets(1) == [1] and batch_buckets(5) == [1, 2, 4, 8] and batch_buckets(8)[-1] == 8

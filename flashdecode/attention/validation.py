@@ -112,14 +112,13 @@ def validate_call(
         if max_seqlen_q is not None and max_seqlen_q < 0:
             raise ValueError(f"max_seqlen_q must be >= 0, got {max_seqlen_q}")
         seqlen_q = max_seqlen_q or 0
-        total_q, num_heads, head_dim = q.shape
+        _, num_heads, head_dim = q.shape
     else:
         if q.dim() != 4:
             raise ValueError(f"q must be a 4-D tensor (B, Sq, H, D), got shape {tuple(q.shape)}")
         if max_seqlen_q is not None:
             raise ValueError("max_seqlen_q is only meaningful together with cu_seqlens_q")
         batch, seqlen_q, num_heads, head_dim = q.shape
-        total_q = batch * seqlen_q
     if batch < 1:
         raise ValueError("q must hold at least one sequence (batch size 0)")
     if head_dim < 1 or head_dim > MAX_HEAD_DIM:
@@ -251,9 +250,6 @@ def validate_call(
             raise ValueError(f"alibi_slopes must have shape ({num_heads},) or ({batch}, {num_heads}), got {tuple(a.shape)}")
         if a.device != device:
             raise ValueError(f"alibi_slopes must be on {device}, got {a.device}")
-
-    if total_q == 0 and not varlen_q:
-        pass  # an empty query block is legal: nothing to attend, the append still happens
 
     return CallShape(
         batch=batch,

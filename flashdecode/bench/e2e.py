@@ -506,7 +506,7 @@ def hf_generate(model, batch: list[list[int]], new_tokens: int, cache: str, devi
 
 def hf_batch1(model, cache: str, wl: Workload, vocab: int, seed: int, repeats: int, device: torch.device,
               log: Callable[[str], None]) -> dict[str, Any]:
-    P, N = wl.batch1_prompt, wl.batch1_new
+    N = wl.batch1_new
     warm = _batch1_prompts(wl, vocab, seed, 1, salt=1)[0]
     if cache == "static-compile":  # compiled for the exact shapes: warm up with the full run
         _, s = _timed(lambda: hf_generate(model, [warm], N, cache, device), device)

@@ -72,6 +72,45 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], new_tokens: int, dtype:
     return outs
 
 
+def decode_speed(llm: LLM, batch: int, gen: torch.Generator, sync, mode: str) -> dict:
+    """Decode tokens/s of ``batch`` requests (prompt 512, 256 new tokens), prefill time subtracted."""
+    sp = SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True)
+    prompts = [torch.randint(3, 49152, (512,), generator=gen).tolist() for _ in range(batch)]
+    llm.generate(prompts, SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True))  # compile, capture
+    sync()
+    t0 = time.perf_counter()
+    llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+    sync()
+    prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, sp)
+    sync()
+    total_s = time.perf_counter() - t0
+    new = sum(len(o.token_ids) for o in outs)
+    decode_tps = (new - batch) / max(1e-9, total_s - prefill_s)
+    print(f"{mode} batch {batch}: prompt 512, 256 new tokens: {total_s:.2f} s total, "
+          f"decode {decode_tps:.0f} tokens/s (prefill {prefill_s * 1e3:.0f} ms)", flush=True)
+    return {"new_tokens": new, "seconds": total_s, "prefill_seconds": prefill_s, "decode_tokens_per_s": decode_tps}
+
+
+def profile_generation(llm: LLM, gen: torch.Generator, mode: str) -> None:
+    """Where a batch-1 decode step spends its time: the top host ops and device kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompt = torch.randint(3, 49152, (512,), generator=gen).tolist()
+    sp = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    llm.generate([prompt], sp)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        llm.generate([prompt], sp)
+    ka = prof.key_averages()
+    print(f"--- profile ({mode}, batch 1, 16 new tokens): top host ops by self CPU time", flush=True)
+    print(ka.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60), flush=True)
+    if torch.cuda.is_available():
+        print(f"--- profile ({mode}): top device kernels", flush=True)
+        print(ka.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", default=".gpu_assets/smollm2_tokenizer")
@@ -79,6 +118,8 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu, for a smoke test")
     ap.add_argument("--no-throughput", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="print the busiest host ops and device kernels of a batch-1 generation, eager and graphs")
     args = ap.parse_args()
     dev = args.device
     card = torch.cuda.get_device_name(0) if dev == "cuda" else "cpu"
@@ -105,26 +146,14 @@ def main() -> int:
                   f"ragged batch == alone: {ours == alone}", flush=True)
             del llm
 
-        llm = LLM(str(model_dir), dtype=torch.bfloat16, device=dev, kv_cache_gb=8)
-        for batch in () if args.no_throughput else (1, 32):
-            sp = SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True)
-            batch_prompts = [torch.randint(3, 49152, (512,), generator=gen).tolist() for _ in range(batch)]
-            llm.generate(batch_prompts[:1], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
-            sync()
-            t0 = time.perf_counter()
-            llm.generate(batch_prompts, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
-            sync()
-            prefill_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            outs = llm.generate(batch_prompts, sp)
-            sync()
-            total_s = time.perf_counter() - t0
-            new = sum(len(o.token_ids) for o in outs)
-            decode_tps = (new - batch) / max(1e-9, total_s - prefill_s)
-            results[f"decode_batch{batch}"] = {"new_tokens": new, "seconds": total_s, "prefill_seconds": prefill_s,
-                                               "decode_tokens_per_s": decode_tps}
-            print(f"batch {batch}: prompt 512, 256 new tokens: {total_s:.2f} s total, "
-                  f"decode {decode_tps:.0f} tokens/s (prefill {prefill_s * 1e3:.0f} ms)", flush=True)
+        for graphs in (False, True) if dev == "cuda" else (False,):
+            mode = "graphs" if graphs else "eager"
+            llm = LLM(str(model_dir), dtype=torch.bfloat16, device=dev, kv_cache_gb=8, cuda_graphs=graphs)
+            for batch in () if args.no_throughput else (1, 32):
+                results[f"decode_{mode}_batch{batch}"] = decode_speed(llm, batch, gen, sync, mode)
+            if args.profile:
+                profile_generation(llm, gen, mode)
+            del llm
     text = json.dumps(results, indent=2)
     if args.out:
         Path(args.out).write_text(text)

@@ -12,12 +12,12 @@ import re
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from flashdecode.attention import flash_attn_with_kvcache
 from flashdecode.cache import PagedKVPool
 from flashdecode.models.config import LlamaConfig
+from flashdecode.models.layers import rms_norm, silu_and_mul
 from flashdecode.models.metadata import AttentionMetadata
 from flashdecode.models.rope import rotary_tables
 
@@ -28,11 +28,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(norm(x + residual), x + residual)``, or ``(norm(x), None)`` without a residual."""
+        return rms_norm(x, self.weight, self.eps, residual)
 
 
 class Attention(nn.Module):
@@ -81,8 +79,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -93,10 +90,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv: PagedKVPool,
-                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), meta, kv, cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata, kv: PagedKVPool,
+                cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual stream carried separately: returns ``(block output, residual)``, whose sum is the
+        layer's output; the add is fused into the next norm."""
+        h, residual = self.input_layernorm(x, residual)
+        if residual is None:
+            residual = x
+        h, residual = self.post_attention_layernorm(self.self_attn(h, meta, kv, cos, sin), residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -142,11 +144,13 @@ class LlamaForCausalLM(nn.Module):
         if self.rotary_cos is None:
             self.build_rotary()
         x = self.model.embed_tokens(input_ids)
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, meta, kv, self.rotary_cos, self.rotary_sin)
+            x, residual = layer(x, residual, meta, kv, self.rotary_cos, self.rotary_sin)
         if meta.logits_indices is not None:
             x = x.index_select(0, meta.logits_indices)
-        return self.lm_head(self.model.norm(x))
+            residual = residual.index_select(0, meta.logits_indices)
+        return self.lm_head(self.model.norm(x, residual)[0])
 
     # ------------------------------------------------------------------ weights
     def load_hf_weights(self, weights: Iterable[tuple[str, torch.Tensor]], *, device: torch.device | str,

@@ -14,6 +14,7 @@ sees it as one opaque op that mutates ``k_cache`` and ``v_cache``.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -43,10 +44,26 @@ def _per_sequence(value: torch.Tensor | int, batch: int, device: torch.device) -
     return torch.full((batch,), value, dtype=torch.int32, device=device)
 
 
+@functools.lru_cache(maxsize=256)
+def _cached_ramp(length: int, step: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(0, length * step, step, dtype=torch.int32, device=device) if step else torch.zeros(
+        length, dtype=torch.int32, device=device)
+
+
+def _ramp(length: int, step: int, device: torch.device) -> torch.Tensor:
+    """``[0, step, 2 * step, ...]`` (``length`` int32 values), read-only.
+
+    A decode step calls the op once per layer with the same batch, so these small constant
+    tensors are made once and reused (each would otherwise cost a kernel launch per call). Not
+    during CUDA-graph capture: there a new tensor is only filled when the graph replays.
+    """
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return _cached_ramp.__wrapped__(length, step, device)
+    return _cached_ramp(length, step, device)
+
+
 def _offsets(batch: int, step: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(0, (batch + 1) * step, step, dtype=torch.int32, device=device) if step else torch.zeros(
-        batch + 1, dtype=torch.int32, device=device
-    )
+    return _ramp(batch + 1, step, device)
 
 
 def pack_problem(
@@ -107,7 +124,7 @@ def pack_problem(
         max_new = 0
 
     seqlens = _per_sequence(shape.capacity if cache_seqlens is None else cache_seqlens, batch, device)
-    leftpad = cache_leftpad if cache_leftpad is not None else torch.zeros(batch, dtype=torch.int32, device=device)
+    leftpad = cache_leftpad if cache_leftpad is not None else _ramp(batch, 0, device)
 
     if shape.paged:
         table = block_table
@@ -115,7 +132,7 @@ def pack_problem(
             rows = cache_batch_idx.long().clamp(0, block_table.shape[0] - 1)
             table = block_table.index_select(0, rows)
     else:
-        rows = cache_batch_idx if cache_batch_idx is not None else torch.arange(batch, dtype=torch.int32, device=device)
+        rows = cache_batch_idx if cache_batch_idx is not None else _ramp(batch, 1, device)
         table = rows.to(torch.int32).reshape(batch, 1)
     table = table.contiguous()
 

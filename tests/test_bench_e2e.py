@@ -96,8 +96,8 @@ def _fake_results():
         _row("llama3-8b", "throughput", "flashdecode", 6000.0),
         _row("llama3-8b", "throughput", "hf-dynamic", 1000.0),
         _row("llama3-8b", "throughput", "hf-static", 1500.0),
-        _row("smollm2-135m", "batch1", "flashdecode", 800.0, bytes_per_step=bs),
-        _row("smollm2-135m", "batch1", "flashdecode-graphs", 1200.0, bytes_per_step=bs),
+        _row("smollm2-135m", "batch1", "flashdecode-eager", 800.0, bytes_per_step=bs),
+        _row("smollm2-135m", "batch1", "flashdecode", 1200.0, bytes_per_step=bs),
         _row("smollm2-135m", "batch1", "hf-dynamic", 60.0, bytes_per_step=bs),
         e2e.base_row("smollm2-135m", "throughput", "flashdecode"),
         _row("smollm2-135m", "throughput", "hf-dynamic", 900.0),
@@ -121,7 +121,7 @@ def test_derive_roofline_speedup_and_targets():
     targets = {x["target"]: x for x in res["targets"]}
     assert targets["llama3-8b batch-1 decode, % of roofline"]["met"] is (r["pct_roofline"] >= 85)
     sm = targets["smollm2-135m batch-1 decode tokens/s"]
-    assert sm["met"] is True and sm["impl"] == "flashdecode-graphs" and sm["value"] == 1200.0
+    assert sm["met"] is True and sm["impl"] == "flashdecode" and sm["value"] == 1200.0
     assert targets["llama3-8b throughput, x best transformers"]["met"] is False  # 4x < 5x
     assert targets["smollm2-135m throughput, x best transformers"]["met"] is None  # our row failed
 
@@ -173,13 +173,12 @@ def test_failing_implementation_is_reported_not_raised(tmp_path, monkeypatch):
         return real(model, batch, new_tokens, cache, device)
 
     monkeypatch.setattr(e2e, "hf_generate", broken)
-    opts = _opts(tmp_path, impls=["hf-static", "hf-dynamic", "flashdecode-graphs"], workloads=["batch1"])
+    opts = _opts(tmp_path, impls=["hf-static", "hf-dynamic", "flashdecode-eager"], workloads=["batch1"])
     res = e2e.run(opts, log=_quiet, ceilings=CEIL)
     rows = {r["impl"]: r for r in res["rows"]}
     assert rows["hf-static"]["status"] == "error" and "static cache exploded" in rows["hf-static"]["reason"]
     assert rows["hf-dynamic"]["status"] == "ok"
-    assert rows["flashdecode-graphs"]["status"] == "error"  # needs CUDA
-    assert "CUDA" in rows["flashdecode-graphs"]["reason"]
+    assert rows["flashdecode-eager"]["status"] == "ok"
     assert "ERROR" in e2e.format_report(res)
 
 
@@ -224,8 +223,9 @@ def test_resolvers():
     cpu = torch.device("cpu")
     assert e2e.resolve_models([], False, cpu) == ["tiny"]
     assert e2e.resolve_models(["8b", "smollm2"], False, cpu) == ["llama3-8b", "smollm2-135m"]
-    assert "flashdecode-graphs" not in e2e.resolve_impls([], cpu)
-    assert e2e.resolve_impls([], torch.device("cuda"))[-1] == "flashdecode-graphs"
+    assert "flashdecode-eager" not in e2e.resolve_impls([], cpu)
+    assert e2e.resolve_impls([], torch.device("cuda"))[-1] == "flashdecode-eager"
+    assert e2e.resolve_impls(["flashdecode-graphs"], cpu) == ["flashdecode"]
     with pytest.raises(ValueError):
         e2e.resolve_impls(["vllm"], cpu)
     with pytest.raises(ValueError):
@@ -244,8 +244,8 @@ def test_untied_shape_runs_and_agrees(tmp_path, monkeypatch):
 
 
 def test_graph_row_is_compared_with_eager():
-    rows = [_row("m", "batch1", "flashdecode", 10.0, first_tokens=[1, 2, 3]),
-            _row("m", "batch1", "flashdecode-graphs", 12.0, first_tokens=[1, 2, 5], graph_replays=7)]
+    rows = [_row("m", "batch1", "flashdecode-eager", 10.0, first_tokens=[1, 2, 3]),
+            _row("m", "batch1", "flashdecode", 12.0, first_tokens=[1, 2, 5], graph_replays=7)]
     res = e2e.derive({"rows": rows, "ceilings": {}})
     g = res["rows"][1]
     assert g["greedy_agree_with_eager"] == 2

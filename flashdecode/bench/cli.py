@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--e2e-models", nargs="+", default=None, metavar="NAME",
                    help="smollm2-135m, llama3-8b, tiny (default: the first two on CUDA; tiny on CPU or with --tiny)")
     e.add_argument("--e2e-impls", nargs="+", default=None, metavar="NAME",
-                   help="flashdecode, flashdecode-graphs, hf-dynamic, hf-static, hf-static-compile "
+                   help="flashdecode (CUDA graphs on a GPU), flashdecode-eager, hf-dynamic, hf-static, hf-static-compile "
                         "(default: all but hf-static-compile)")
     e.add_argument("--e2e-workloads", nargs="+", default=None, metavar="NAME", help="batch1, throughput (default both)")
     e.add_argument("--e2e-dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32")

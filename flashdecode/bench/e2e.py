@@ -20,8 +20,9 @@ Workloads (``Workload``):
   wall time. transformers runs them in padded batches (left padding, sorted by output length,
   each batch generating up to its longest request); only the requested tokens count.
 
-Implementations: ``flashdecode`` (eager decode steps), ``flashdecode-graphs`` (``cuda_graphs=True``,
-experimental), ``hf-dynamic`` (``generate()``, dynamic cache), ``hf-static``
+Implementations: ``flashdecode`` (the engine as `LLM()` builds it: decode steps replayed as CUDA
+graphs on a GPU), ``flashdecode-eager`` (``cuda_graphs=False``; on CUDA only), ``hf-dynamic``
+(``generate()``, dynamic cache), ``hf-static``
 (``cache_implementation="static"``, no torch.compile) and, opt-in, ``hf-static-compile`` (static
 cache with transformers' automatic compile; batch 1 only). Every failure becomes a row's error;
 nothing raises out of `run`. ``budget_s`` stops starting new rows; reports are rewritten after
@@ -67,13 +68,14 @@ MODEL_ALIASES = {"smollm2": "smollm2-135m", "135m": "smollm2-135m", "smollm": "s
                  "8b": "llama3-8b", "llama3": "llama3-8b", "llama-3-8b": "llama3-8b", "llama3-8B": "llama3-8b"}
 DEFAULT_MODELS = ("smollm2-135m", "llama3-8b")
 
-OURS = ("flashdecode", "flashdecode-graphs")
+OURS = ("flashdecode", "flashdecode-eager")
 HF_IMPLS = ("hf-dynamic", "hf-static", "hf-static-compile")
 IMPLS = OURS + HF_IMPLS
-# Run order: the main comparison first; the experimental graph path (which could break the CUDA
-# context) and compile run in a second pass, after every other row of every model.
-DEFAULT_IMPLS = ("flashdecode", "hf-dynamic", "hf-static", "flashdecode-graphs")
-LATE_IMPLS = ("flashdecode-graphs", "hf-static-compile")
+IMPL_ALIASES = {"flashdecode-graphs": "flashdecode"}  # the former name of the graph path, now the default
+# Run order: the main comparison first; the eager engine (a diagnostic: what graphs save) and
+# compile run in a second pass, after every other row of every model.
+DEFAULT_IMPLS = ("flashdecode", "hf-dynamic", "hf-static", "flashdecode-eager")
+LATE_IMPLS = ("flashdecode-eager", "hf-static-compile")
 WORKLOADS = ("batch1", "throughput")
 
 JSON_FILE = "e2e_results.json"
@@ -140,10 +142,11 @@ def resolve_models(names: list[str], tiny: bool, device: torch.device) -> list[s
 
 def resolve_impls(names: list[str], device: torch.device) -> list[str]:
     if not names:
-        return [i for i in DEFAULT_IMPLS if device.type == "cuda" or i != "flashdecode-graphs"]
+        return [i for i in DEFAULT_IMPLS if device.type == "cuda" or i != "flashdecode-eager"]
     out = []
     for n in names:
         for part in n.replace(",", " ").split():
+            part = IMPL_ALIASES.get(part, part)
             if part not in IMPLS:
                 raise ValueError(f"unknown implementation {part!r}; choose from {', '.join(IMPLS)}")
             if part not in out:
@@ -344,7 +347,7 @@ def kv_cache_gb_for(requests: list[tuple[list[int], int]], shape: dict[str, Any]
     return need / 2**30, note
 
 
-def build_llm(hf_model, device: torch.device, dtype: torch.dtype, *, cuda_graphs: bool, kv_cache_gb: float,
+def build_llm(hf_model, device: torch.device, dtype: torch.dtype, *, cuda_graphs: bool | None, kv_cache_gb: float,
               max_model_len: int):
     from flashdecode.engine.llm import LLM  # noqa: PLC0415
 
@@ -735,7 +738,8 @@ def _run_impl(impl, todo, hf, requests, shape, wl, vocab, dtype, dbytes, device,
             kv_gb, kv_note = (opts.kv_cache_gb, "") if opts.kv_cache_gb else kv_cache_gb_for(requests, shape, dbytes,
                                                                                               device)
             log(f"-- {impl}: building the engine (KV pool {kv_gb:.2f} GiB) (t={budget.elapsed():.0f}s)")
-            llm, s = _timed(lambda: build_llm(hf, device, dtype, cuda_graphs=impl == "flashdecode-graphs",
+            use_graphs = False if impl == "flashdecode-eager" else None  # None: the engine's default
+            llm, s = _timed(lambda: build_llm(hf, device, dtype, cuda_graphs=use_graphs,
                                               kv_cache_gb=kv_gb, max_model_len=opts.max_model_len), device)
             log(f"   engine ready in {s:.1f} s: {llm!r}")
             for r in todo:
@@ -828,7 +832,7 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
         peers = [r for r in rows if r.get("group") == "peer" and _ok(r)]
         best = max(peers, key=lambda r: r["tokens_per_s"]) if peers else None
         ref = next((r for r in rows if r["impl"] == "hf-dynamic" and r.get("first_tokens")), None)
-        eager = next((r for r in rows if r["impl"] == "flashdecode" and r.get("first_tokens")), None)
+        eager = next((r for r in rows if r["impl"] == "flashdecode-eager" and r.get("first_tokens")), None)
         for r in rows:
             r["best_hf"] = best["impl"] if best else None
             r["speedup_vs_best_hf"] = None
@@ -842,7 +846,7 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
                 r["pct_roofline"] = 100.0 * r["tokens_per_s"] / r["roofline_tokens_per_s"]
             if ref is not None and r.get("first_tokens") and r is not ref:
                 r["greedy_agree_with_hf"] = common_prefix_length(r["first_tokens"], ref["first_tokens"])
-            if eager is not None and r["impl"] == "flashdecode-graphs" and r.get("first_tokens"):
+            if eager is not None and r["impl"] == "flashdecode" and r.get("first_tokens"):
                 # graph replay must equal eager execution: same tokens
                 r["greedy_agree_with_eager"] = common_prefix_length(r["first_tokens"], eager["first_tokens"])
     results["targets"] = evaluate_targets(results)

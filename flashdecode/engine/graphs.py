@@ -1,8 +1,8 @@
 """Decode steps replayed as CUDA graphs, one per (batch-size bucket, block-table width).
 
-EXPERIMENTAL: behind ``LLM(cuda_graphs=True)`` (off by default). The plumbing (static buffers,
-padding, bucketing) is tested on the CPU with an eager stand-in for capture; the CUDA capture
-itself has not been run on a GPU yet.
+On by default for CUDA (``LLM(cuda_graphs=None)``). The plumbing (static buffers, padding,
+bucketing) is tested on the CPU with an eager stand-in for capture; replay against eager
+execution is tested on the GPU (``tests/test_engine_serving.py -m gpu``).
 
 A decode step (one new token for each of ``n`` sequences) runs the model on static input
 buffers: token ids, ``cache_seqlens`` and a block table of ``bucket(n)`` rows. The rows past

@@ -76,8 +76,9 @@ class LLM:
     Full pages are kept in a prefix cache (``enable_prefix_caching``) keyed by a chained hash of
     their token ids, so prompts that share a beginning compute it once. ``max_num_batched_tokens``
     is the per-step token budget: longer prompts are prefilled in chunks. `stats` counts prefix
-    hits, prefilled tokens and preemptions. ``cuda_graphs=True`` (experimental, off by default, not
-    yet run on a GPU) replays decode steps as CUDA graphs captured per batch-size bucket.
+    hits, prefilled tokens and preemptions. Decode steps (one new token per running request, up to
+    512 requests) replay CUDA graphs captured per batch-size bucket; ``cuda_graphs`` is None (on
+    for CUDA), True (CUDA only) or False (every step eager, e.g. to compare).
     """
 
     def __init__(
@@ -94,7 +95,7 @@ class LLM:
         num_kv_blocks: int | None = None,
         gpu_memory_utilization: float = 0.85,
         enable_prefix_caching: bool = True,
-        cuda_graphs: bool = False,
+        cuda_graphs: bool | None = None,
         seed: int | None = None,
     ) -> None:
         for name, value in (("page_size", page_size), ("max_num_seqs", max_num_seqs),
@@ -115,6 +116,10 @@ class LLM:
         self.page_size = page_size
         blocks = self._pool_blocks(page_size, max_num_seqs, max_num_batched_tokens, kv_cache_gb, num_kv_blocks,
                                    gpu_memory_utilization)
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        if not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be None, True or False, got {cuda_graphs!r}")
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs a CUDA device")
         # with graphs, one extra page (never handed out) receives the writes of padded rows

@@ -136,8 +136,8 @@ def test_decode_graph_plumbing_with_an_eager_stand_in(model_dir, expected):
 
     assert batch_buckets(1) == [1] and batch_buckets(5) == [1, 2, 4, 8] and batch_buckets(8)[-1] == 8
     with pytest.raises(ValueError, match="CUDA"):
-        LLM(model_dir, num_kv_blocks=8, cuda_graphs=True)
-    llm = LLM(model_dir, page_size=4, num_kv_blocks=40, max_num_batched_tokens=16, seed=0)
+        LLM(model_dir, device="cpu", num_kv_blocks=8, cuda_graphs=True)
+    llm = LLM(model_dir, device="cpu", page_size=4, num_kv_blocks=40, max_num_batched_tokens=16, seed=0)
     pool = llm.model.new_kv_pool(41, 4)  # page 40: the scratch page
     pool.storage.fill_(float("nan"))  # padded rows must never read anything but their own new key
     llm.pool = llm.runner.pool = pool
@@ -150,9 +150,52 @@ def test_decode_graph_plumbing_with_an_eager_stand_in(model_dir, expected):
         graphs.bucket(5)
 
 
+def _stand_in_graphs(llm, pages: int, max_batch: int = 8):
+    """Give ``llm`` decode graphs whose capture is plain re-execution (CPU), over a fresh pool with
+    one scratch page (the last); returns the graphs."""
+    from flashdecode.engine.graphs import DecodeGraphs, eager_capture
+
+    pool = llm.model.new_kv_pool(pages + 1, llm.page_size)
+    pool.storage.fill_(float("nan"))
+    llm.pool = llm.runner.pool = pool
+    llm.runner.graphs = DecodeGraphs(llm.model, pool, scratch_page=pages, max_batch=max_batch, capture=eager_capture)
+    return llm.runner.graphs
+
+
+def test_decode_steps_launched_ahead_give_the_same_outputs(model_dir):
+    """With decode graphs, the engine enqueues step N+1 (fed on the device by step N's tokens)
+    before it reads step N's tokens. Requests ending at different steps (length, end of sequence,
+    stop string), seeded sampling and a stream must give exactly a plain eager engine's outputs,
+    and every page must come back."""
+    kwargs = dict(device="cpu", page_size=4, num_kv_blocks=48, max_num_batched_tokens=64, seed=0)
+    plain = LLM(model_dir, cuda_graphs=False, **kwargs)
+    piped = LLM(model_dir, cuda_graphs=False, **kwargs)
+    graphs = _stand_in_graphs(piped, 48)
+    launched = []
+    real_ahead = piped.runner.launch_ahead
+    piped.runner.launch_ahead = lambda prev: launched.append(real_ahead(prev)) or launched[-1]
+
+    probe = plain.generate(PROMPTS[1], GREEDY)[0].token_ids
+    eos = probe[5]  # a token the greedy run meets mid-way, made the end-of-sequence token
+    plain.eos_token_ids = piped.eos_token_ids = frozenset({eos})
+    params = [SamplingParams(temperature=0, max_tokens=m) for m in (3, 12, 9, 14)] + [
+        SamplingParams(temperature=0.9, top_k=20, seed=7, max_tokens=11)]
+    stop = plain.generate(PROMPTS[4], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].text
+    params[3] = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True, stop=stop.split()[4])
+    want = plain.generate(PROMPTS, params)
+    got = piped.generate(PROMPTS, params)
+    assert [(o.token_ids, o.finish_reason, o.text) for o in got] == \
+        [(o.token_ids, o.finish_reason, o.text) for o in want]
+    assert {o.finish_reason for o in want} == {"stop", "length"}
+    assert sum(a is not None for a in launched) >= 3, "no decode step was launched ahead"
+    assert graphs.replays > sum(a is not None for a in launched)
+    assert "".join(piped.stream(PROMPTS[2], params[2])) == want[2].text
+    assert piped.allocator.num_used == 0
+
+
 @pytest.mark.gpu
 def test_cuda_graph_decode_equals_eager_on_the_gpu(model_dir):
-    """Graph replay must equal eager execution (GPU only; not yet run when this was written).
+    """Graph replay must equal eager execution (GPU only).
 
     Same engine settings with and without graphs (float32); several batch sizes (buckets with
     padded rows), preemption and chunking included. A padded bucket may pick another split count
@@ -161,7 +204,7 @@ def test_cuda_graph_decode_equals_eager_on_the_gpu(model_dir):
 
     kwargs = dict(device="cuda", dtype="float32", page_size=4, num_kv_blocks=24, max_num_batched_tokens=16,
                   max_num_seqs=8, seed=0)
-    eager = LLM(model_dir, **kwargs)
+    eager = LLM(model_dir, cuda_graphs=False, **kwargs)
     graphed = LLM(model_dir, cuda_graphs=True, **kwargs)
     for prompts in (PROMPTS[:1], PROMPTS[:3], PROMPTS):
         want = [o.token_ids for o in eager.generate(prompts, GREEDY)]

@@ -90,6 +90,11 @@ class DecodeGraphs:
     def can_run(self, n: int) -> bool:
         return 1 <= n <= self.max_batch
 
+    def is_captured(self, n: int, width: int) -> bool:
+        """Whether a step of ``n`` rows and table ``width`` replays without a new capture (a capture
+        overwrites the input buffers, so a step fed on the device must not need one)."""
+        return self.can_run(n) and (self.bucket(n), width) in self.graphs
+
     def _table(self, width: int) -> torch.Tensor:
         if width not in self.tables:
             self.tables[width] = torch.full((self.max_batch, width), self.scratch_page, dtype=torch.int32,
@@ -108,21 +113,36 @@ class DecodeGraphs:
             self.graphs[key] = self.capture(lambda: self.model(ids, meta, self.pool))
         return self.graphs[key]
 
-    def run(self, ids: list[int], cache_seqlens: list[int], table: np.ndarray) -> torch.Tensor:
+    def _upload(self, dst: torch.Tensor, src: np.ndarray) -> None:
+        """Host-to-device copy that does not wait for the GPU: from page-locked memory (a copy from
+        pageable memory would first wait for all work queued before it)."""
+        host = torch.from_numpy(src)
+        if dst.is_cuda:
+            host = host.pin_memory()
+        dst.copy_(host, non_blocking=True)
+
+    def feed(self, next_ids: torch.Tensor) -> None:
+        """Write a step's sampled tokens into the input ids, for a decode step launched before
+        they reach the host (``run(None, ...)``)."""
+        self.input_ids[:next_ids.shape[0]].copy_(next_ids)
+
+    def run(self, ids: list[int] | None, cache_seqlens: list[int], table: np.ndarray) -> torch.Tensor:
         """Logits ``(n, vocab)`` of one decode step: ``ids[i]`` is appended at ``cache_seqlens[i]``
-        of the sequence whose pages are ``table[i]`` (``(n, width)`` int32)."""
+        of the sequence whose pages are ``table[i]`` (``(n, width)`` int32). ``ids=None`` keeps the
+        ids already on the device (written by `feed`)."""
         n, width = table.shape
         bs = self.bucket(n)
         replay, out = self._graph(bs, width)
-        host_ids = np.zeros(bs, dtype=np.int64)
-        host_ids[:n] = ids
+        if ids is not None:
+            host_ids = np.zeros(bs, dtype=np.int64)
+            host_ids[:n] = ids
+            self._upload(self.input_ids[:bs], host_ids)
         host_lens = np.zeros(bs, dtype=np.int32)
         host_lens[:n] = cache_seqlens
         host_table = np.full((bs, width), self.scratch_page, dtype=np.int32)
         host_table[:n] = table
-        self.input_ids[:bs].copy_(torch.from_numpy(host_ids), non_blocking=True)
-        self.cache_seqlens[:bs].copy_(torch.from_numpy(host_lens), non_blocking=True)
-        self.tables[width][:bs].copy_(torch.from_numpy(host_table), non_blocking=True)
+        self._upload(self.cache_seqlens[:bs], host_lens)
+        self._upload(self.tables[width][:bs], host_table)
         replay()
         self.replays += 1
         return out[:n]

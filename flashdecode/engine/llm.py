@@ -269,14 +269,23 @@ class LLM:
         try:
             for s in seqs:
                 self.scheduler.add(s)
+            pending = None
             while True:
-                step = self.scheduler.schedule()
-                if step is None:
-                    return
-                tokens = self.runner.step(step.seqs, step.num_new_tokens)
-                done = [(seq, token) for seq, token in zip(step.seqs, tokens) if token is not None]
+                if pending is None:
+                    step = self.scheduler.schedule()
+                    if step is None:
+                        return
+                    pending = self.runner.launch(step.seqs, step.num_new_tokens)
+                # While the batch stays the same (nothing waiting to join), the next decode step is
+                # enqueued before this one's tokens are read, so the GPU does not wait for the host.
+                ahead = None if self.scheduler.waiting else self.runner.launch_ahead(pending)
+                if ahead is not None:
+                    self.scheduler.record_decode_step(len(ahead.seqs))
+                tokens = self.runner.resolve(pending)
+                done = [(seq, token) for seq, token in zip(pending.seqs, tokens) if token is not None]
                 for seq, token in done:
                     self._on_token(seq, token)
+                pending = ahead
                 yield [seq for seq, _ in done]
         finally:
             self.scheduler.abort_all()  # no-op after a normal finish; frees pages after an error

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from flashdecode.cache import PagedKVPool
+from flashdecode.cache import OutOfBlocksError, PagedKVPool
 from flashdecode.engine.graphs import DecodeGraphs
 from flashdecode.engine.sampling import SamplingBatch, sample
 from flashdecode.engine.sequence import Sequence
@@ -71,8 +73,42 @@ def build_metadata(seqs: list[Sequence], num_new: list[int], sampled: list[bool]
     return torch.tensor(ids, dtype=torch.long).to(device, non_blocking=True), meta
 
 
+@dataclass(eq=False)
+class PendingStep:
+    """A forward pass whose sampled tokens are on their way to the host.
+
+    ``tokens`` is filled once ``ready`` (a CUDA event; None on the CPU) has completed. ``ahead``
+    is 1 for a decode step launched before the previous step's tokens were known: its positions
+    are one past each sequence's ``num_cached`` at launch time.
+    """
+
+    seqs: list[Sequence]
+    num_new: list[int]
+    sampled: list[bool]
+    tokens: torch.Tensor | None  # (sum(sampled),) int64 on the host
+    ready: torch.cuda.Event | None
+    graph_decode: bool
+    ahead: int = 0
+
+
+def _to_host(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying ``tokens`` to the host without waiting for them."""
+    if tokens.device.type != "cuda":
+        return tokens, None
+    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+    host.copy_(tokens, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
 class ModelRunner:
-    """Owns the model and its KV pool; runs a scheduled step and samples the next tokens."""
+    """Owns the model and its KV pool; runs a scheduled step and samples the next tokens.
+
+    A step is launched (`launch`) and later resolved (`resolve`: wait for its tokens, then advance
+    each sequence's bookkeeping). Between the two, the engine may launch the next decode step
+    (`launch_ahead`), fed on the device by this step's tokens, so the GPU never waits for the host.
+    """
 
     def __init__(self, model: LlamaForCausalLM, pool: PagedKVPool, shared_generator: torch.Generator,
                  max_pages_per_seq: int | None = None, graphs: DecodeGraphs | None = None) -> None:
@@ -81,36 +117,98 @@ class ModelRunner:
         self.device = model.device
         self.shared_generator = shared_generator
         self.max_pages_per_seq = max_pages_per_seq
-        self.graphs = graphs  # decode steps replayed as CUDA graphs (experimental), else eager
+        self.graphs = graphs  # decode steps replayed as CUDA graphs, else eager
+
+    def _uses_graph(self, seqs: list[Sequence], num_new: list[int], sampled: list[bool]) -> bool:
+        return self.graphs is not None and all(sampled) and all(n == 1 for n in num_new) \
+            and self.graphs.can_run(len(seqs))
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, sampled: list[bool]) -> torch.Tensor:
+        rows = [s for s, x in zip(seqs, sampled) if x]
+        batch = SamplingBatch.build([s.params for s in rows], [s.generator for s in rows], self.device)
+        return sample(logits, batch, self.shared_generator)
 
     @torch.inference_mode()
     def logits(self, seqs: list[Sequence], num_new: list[int], sampled: list[bool]) -> torch.Tensor:
         """Run the step's forward pass (appending keys/values); logits ``(sum(sampled), vocab)``."""
         for s, n in zip(seqs, num_new):
             s.blocks.ensure_capacity(s.num_cached + n)
-        if self.graphs is not None and all(sampled) and all(n == 1 for n in num_new) \
-                and self.graphs.can_run(len(seqs)):
+        if self._uses_graph(seqs, num_new, sampled):
             return self.graphs.run([s.token_ids[s.num_cached] for s in seqs], [s.num_cached for s in seqs],
                                    block_table_array(seqs, self.max_pages_per_seq))
         input_ids, meta = build_metadata(seqs, num_new, sampled, self.device, self.max_pages_per_seq)
         return self.model(input_ids, meta, self.pool)
 
     @torch.inference_mode()
-    def step(self, seqs: list[Sequence], num_new: list[int] | None = None) -> list[int | None]:
-        """Compute ``num_new[i]`` tokens of each sequence (default: all not cached); returns the
-        sampled next token of each sequence that reached its last token, None for the others
-        (a prefill chunk short of the end). Advances ``num_cached`` and registers full pages."""
+    def launch(self, seqs: list[Sequence], num_new: list[int] | None = None) -> PendingStep:
+        """Enqueue the forward pass computing ``num_new[i]`` tokens of each sequence (default: all not
+        cached) and the sampling of the next token of each sequence that reaches its last token."""
         if num_new is None:
             num_new = [len(s.token_ids) - s.num_cached for s in seqs]
         sampled = [s.num_cached + n == len(s.token_ids) for s, n in zip(seqs, num_new)]
+        graph_decode = self._uses_graph(seqs, num_new, sampled)
         logits = self.logits(seqs, num_new, sampled)
-        out: list[int | None] = [None] * len(seqs)
+        tokens, ready = None, None
         if any(sampled):
-            rows = [s for s, x in zip(seqs, sampled) if x]
-            batch = SamplingBatch.build([s.params for s in rows], [s.generator for s in rows], self.device)
-            tokens = iter(sample(logits, batch, self.shared_generator).tolist())
-            out = [next(tokens) if x else None for x in sampled]
-        for s, n in zip(seqs, num_new):
+            next_ids = self._sample(seqs, logits, sampled)
+            if graph_decode:
+                self.graphs.feed(next_ids)  # the inputs of a decode step launched ahead
+            tokens, ready = _to_host(next_ids)
+        return PendingStep(seqs, num_new, sampled, tokens, ready, graph_decode)
+
+    @torch.inference_mode()
+    def launch_ahead(self, prev: PendingStep) -> PendingStep | None:
+        """The decode step after ``prev`` (same sequences, one token each), enqueued before ``prev``'s
+        tokens reach the host: its input ids are ``prev``'s sampled tokens, already on the device.
+
+        None when that cannot be done safely or usefully: ``prev`` is not a replayed decode step, a
+        sequence has finished or may finish with ``prev``'s token (length limits), a page is
+        missing, or the step's graph is not captured yet. A sequence that ends with ``prev``'s token (end of sequence, stop string) makes
+        this step's row wasted work, dropped by `resolve`; the key/value it writes is that of the
+        sequence's real last token, in a page the sequence still held when the step was enqueued.
+        """
+        if not prev.graph_decode or prev.ahead:
+            return None
+        seqs = prev.seqs
+        for s in seqs:
+            if s.finished or len(s.token_ids) + 1 >= s.max_length or s.num_outputs + 1 >= s.params.max_tokens:
+                return None
+        try:
+            for s in seqs:
+                s.blocks.ensure_capacity(s.num_cached + 2)
+        except OutOfBlocksError:
+            return None
+        table = block_table_array(seqs, self.max_pages_per_seq)
+        if not self.graphs.is_captured(len(seqs), table.shape[1]):
+            return None
+        logits = self.graphs.run(None, [s.num_cached + 1 for s in seqs], table)
+        next_ids = self._sample(seqs, logits, prev.sampled)
+        self.graphs.feed(next_ids)
+        tokens, ready = _to_host(next_ids)
+        return PendingStep(seqs, [1] * len(seqs), list(prev.sampled), tokens, ready, True, ahead=1)
+
+    def resolve(self, pending: PendingStep) -> list[int | None]:
+        """Wait for ``pending``'s tokens; advance ``num_cached`` and register full pages of each
+        sequence still running. Returns the sampled token of each sequence that reached its last
+        token, None for the others (a prefill chunk short of the end, or a sequence that finished
+        before this step's result was wanted)."""
+        tokens: list[int] = []
+        if pending.tokens is not None:
+            if pending.ready is not None:
+                pending.ready.synchronize()
+            tokens = pending.tokens.tolist()
+        it = iter(tokens)
+        out: list[int | None] = []
+        for s, n, x in zip(pending.seqs, pending.num_new, pending.sampled):
+            token = next(it) if x else None
+            if s.finished:  # ended with the previous step's token: this row was speculative
+                out.append(None)
+                continue
             s.num_cached += n
             s.blocks.commit(s.token_ids, s.num_cached)
+            out.append(token)
         return out
+
+    def step(self, seqs: list[Sequence], num_new: list[int] | None = None) -> list[int | None]:
+        """Launch and resolve one step (see `launch` and `resolve`)."""
+        return self.resolve(self.launch(seqs, num_new))

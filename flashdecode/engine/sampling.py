@@ -117,10 +117,10 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, shared: torch.Generator |
     Sampling draws ``argmax(p / E)`` with ``E ~ Exponential(1)`` per token (equivalent to drawing
     from ``p``), so each row's noise comes from that row's own generator.
     """
+    if batch.all_greedy:  # the float32 copy below changes no value, so argmax may skip it
+        return logits.argmax(dim=-1)
     logits = logits.float()
     greedy = logits.argmax(dim=-1)
-    if batch.all_greedy:
-        return greedy
     temperature = torch.where(batch.temperature > 0, batch.temperature, torch.ones_like(batch.temperature))
     scaled = logits / temperature[:, None]
     if batch.any_filter:

@@ -170,6 +170,13 @@ class Scheduler:
             self.stats.decode_tokens += n - pre
         return ScheduledStep(seqs, counts)
 
+    def record_decode_step(self, num_seqs: int) -> None:
+        """Count a decode step the engine ran for the running requests without `schedule` (one
+        launched ahead, before the previous step's tokens were known; the row of a request that
+        ended with the previous token is counted too, as computed)."""
+        self.stats.steps += 1
+        self.stats.decode_tokens += num_seqs
+
     # ------------------------------------------------------------------ after a step
     def finish(self, seq: Sequence, release: bool = True) -> None:
         """Remove a finished request; return its pages unless the caller keeps them (chat sessions)."""

@@ -129,7 +129,7 @@ def test_engine_skips_the_ops_value_checks_and_keeps_table_width_bucketed(model_
     assert {c[1] for c in calls} <= {1, 2, 4, 8, 16} and any(c[2] for c in calls) and any(not c[2] for c in calls)
 
 
-def test_decode_graph_plumbing_with_an_eager_stand_in(model_dir, expected):
+def test_decode_graph_plumbing_with_an_eager_stand_in(model_dir):
     """The CUDA-graph path's static buffers, batch buckets and padded rows (scratch page), with the
     capture replaced by plain re-execution (no GPU here): same tokens, scratch page only written."""
     from flashdecode.engine.graphs import DecodeGraphs, batch_buckets, eager_capture
@@ -137,6 +137,8 @@ def test_decode_graph_plumbing_with_an_eager_stand_in(model_dir, expected):
     assert batch_buckets(1) == [1] and batch_buckets(5) == [1, 2, 4, 8] and batch_buckets(8)[-1] == 8
     with pytest.raises(ValueError, match="CUDA"):
         LLM(model_dir, device="cpu", num_kv_blocks=8, cuda_graphs=True)
+    expected = [o.token_ids for o in LLM(model_dir, device="cpu", page_size=4, num_kv_blocks=256, seed=0,
+                                         enable_prefix_caching=False).generate(PROMPTS, GREEDY)]
     llm = LLM(model_dir, device="cpu", page_size=4, num_kv_blocks=40, max_num_batched_tokens=16, seed=0)
     pool = llm.model.new_kv_pool(41, 4)  # page 40: the scratch page
     pool.storage.fill_(float("nan"))  # padded rows must never read anything but their own new key

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from contextlib import closing
 from collections.abc import Generator, Iterator, Mapping, Sequence as Seq
 from itertools import count
 from typing import TYPE_CHECKING, Union
@@ -325,8 +326,9 @@ class LLM:
         for i, ((ids, _), p) in enumerate(zip(items, params)):
             self._check_prompt(ids, p, i)
         seqs = [self._new_sequence(ids, p, text, stream=False) for (ids, text), p in zip(items, params)]
-        for _ in self._run(seqs):
-            pass
+        with closing(self._run(seqs)) as steps:
+            for _ in steps:
+                pass
         return [self._output(s) for s in seqs]
 
     def generate(self, prompts: Prompt | Seq[Prompt],
@@ -368,14 +370,16 @@ class LLM:
 
     def _stream_seq(self, seq: Sequence) -> Generator[str, None, RequestOutput]:
         hold = max((len(s) for s in seq.params.stop_strings), default=1) - 1
-        for _ in self._run([seq]):
-            if seq.finished:
-                continue  # the final text (cut at a stop string) goes out below
-            text = seq.detokenizer.text if seq.detokenizer else ""
-            safe = len(text) - hold
-            if safe > seq.emitted:
-                yield text[seq.emitted:safe]
-                seq.emitted = safe
+        # closed explicitly: an abandoned stream must release its pages now, not when collected
+        with closing(self._run([seq])) as steps:
+            for _ in steps:
+                if seq.finished:
+                    continue  # the final text (cut at a stop string) goes out below
+                text = seq.detokenizer.text if seq.detokenizer else ""
+                safe = len(text) - hold
+                if safe > seq.emitted:
+                    yield text[seq.emitted:safe]
+                    seq.emitted = safe
         final = self._final_text(seq)
         if len(final) > seq.emitted:
             yield final[seq.emitted:]

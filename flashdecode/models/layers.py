@@ -1,5 +1,4 @@
-"""The model's non-attention building blocks: RMSNorm (with fused residual add), SiLU-and-mul, and
-the projections (`linear`: a Triton matrix-vector product for a single row, else PyTorch's).
+"""The model's non-attention building blocks: RMSNorm (with fused residual add) and SiLU-and-mul.
 
 CUDA tensors (and CPU tensors under ``FLASHDECODE_BACKEND=triton`` with the Triton interpreter)
 take the Triton kernels in `kernels/`; other CPU tensors take the PyTorch code below, which is
@@ -8,20 +7,15 @@ also what the kernels are tested against. Both round like Hugging Face's Llama l
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 
 from flashdecode.attention.interface import selected_backend
 from flashdecode.models.kernels.activation import silu_and_mul_kernel
-from flashdecode.models.kernels.gemv import gemv_kernel
 from flashdecode.models.kernels.norm import rms_norm_kernel
 
 ACTIVATION_BLOCK = 1024
-GEMV_ENV = "FLASHDECODE_GEMV"  # "on" (default) or "off": single-row projections through PyTorch instead
-GEMV_BLOCK_ELEMENTS = 4096  # weight elements one program loads per step of the reduction
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -87,36 +81,3 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
             g2, out, intermediate, g2.stride(0), out.stride(0), BLOCK=block, num_warps=4,
         )
     return out.view(*lead, intermediate)
-
-
-def gemv_enabled() -> bool:
-    """``FLASHDECODE_GEMV`` (read on every call): ``on`` (default) or ``off``."""
-    value = os.environ.get(GEMV_ENV, "on").strip().lower()
-    if value not in ("on", "off", "1", "0"):
-        raise ValueError(f"{GEMV_ENV} must be 'on' or 'off', got {value!r}")
-    return value in ("on", "1")
-
-
-def gemv_blocks(n: int, k: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K) of `gemv_kernel`: wide rows (up to 512 elements) and as many programs as
-    that leaves, so that even a small matrix spreads over many SMs."""
-    block_k = min(512, triton.next_power_of_2(k))
-    block_n = max(1, min(64, GEMV_BLOCK_ELEMENTS // block_k))
-    return block_n, block_k
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T (+ bias)`` for ``x`` ``(T, K)``. One row on the Triton path takes `gemv_kernel`
-    (batch-1 decode); anything else is ``F.linear``."""
-    if x.dim() != 2 or x.shape[0] != 1 or selected_backend(x.device) != "triton" or not gemv_enabled() \
-            or weight.stride(1) != 1 or x.dtype != weight.dtype:
-        return F.linear(x, weight, bias)
-    n, k = weight.shape
-    xc = x if x.stride(1) == 1 else x.contiguous()
-    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    block_n, block_k = gemv_blocks(n, k)
-    gemv_kernel[(triton.cdiv(n, block_n),)](
-        xc, weight, bias if bias is not None else weight, y, n, k, weight.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
-    )
-    return y

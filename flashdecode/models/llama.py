@@ -17,14 +17,9 @@ from torch import nn
 from flashdecode.attention import flash_attn_with_kvcache
 from flashdecode.cache import PagedKVPool
 from flashdecode.models.config import LlamaConfig
-from flashdecode.models.layers import linear, rms_norm, silu_and_mul
+from flashdecode.models.layers import rms_norm, silu_and_mul
 from flashdecode.models.metadata import AttentionMetadata
 from flashdecode.models.rope import rotary_tables
-
-
-def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)``, through `linear` (a matrix-vector kernel when ``x`` is one row on the GPU)."""
-    return linear(x, layer.weight, layer.bias)
 
 
 class RMSNorm(nn.Module):
@@ -56,7 +51,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv: PagedKVPool,
                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[0]
-        q, k, v = project(self.qkv_proj, x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(tokens, self.num_heads, self.head_dim)
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
@@ -73,7 +68,7 @@ class Attention(nn.Module):
             out = flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cu_seqlens_q=meta.cu_seqlens_q,
                                           max_seqlen_q=meta.max_seqlen_q, cu_seqlens_k_new=meta.cu_seqlens_q,
                                           **common)
-        return project(self.o_proj, out.reshape(tokens, self.q_size))
+        return self.o_proj(out.reshape(tokens, self.q_size))
 
 
 class MLP(nn.Module):
@@ -84,7 +79,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return project(self.down_proj, silu_and_mul(project(self.gate_up_proj, x)))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -155,7 +150,7 @@ class LlamaForCausalLM(nn.Module):
         if meta.logits_indices is not None:
             x = x.index_select(0, meta.logits_indices)
             residual = residual.index_select(0, meta.logits_indices)
-        return project(self.lm_head, self.model.norm(x, residual)[0])
+        return self.lm_head(self.model.norm(x, residual)[0])
 
     # ------------------------------------------------------------------ weights
     def load_hf_weights(self, weights: Iterable[tuple[str, torch.Tensor]], *, device: torch.device | str,

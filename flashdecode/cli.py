@@ -24,6 +24,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="GGUF file or Hugging Face directory (default: the embedded SmolLM2-135M-Instruct)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")
+    g.add_argument("--eager", action="store_true", help="run every decode step eagerly (no CUDA graphs)")
     s = p.add_argument_group("sampling")
     s.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -64,7 +65,7 @@ def _load(args: argparse.Namespace) -> Any:
     if tty:
         print("loading model ...", file=sys.stderr, end="", flush=True)
     try:
-        llm = LLM(args.model, device=args.device, dtype=args.dtype)
+        llm = LLM(args.model, device=args.device, dtype=args.dtype, cuda_graphs=False if args.eager else None)
     finally:
         if tty:
             print("\r\033[K", file=sys.stderr, end="", flush=True)

@@ -32,6 +32,8 @@ def _run(*args: str, stdin: str | None = None, timeout: int = 300) -> subprocess
 def test_generate_streams_text_and_a_summary(model_dir):
     r = _run("generate", "w1 w2 w3", "--model", model_dir, "--max-tokens", "7", "--raw")
     assert r.returncode == 0, r.stderr
+    eager = _run("generate", "w1 w2 w3", "--model", model_dir, "--max-tokens", "7", "--raw", "--eager")
+    assert eager.returncode == 0 and eager.stdout == r.stdout, eager.stderr
     assert r.stdout.strip() and all(w.startswith("w") or w in ("<unk>", "user:", "assistant:", "system:")
                                     for w in r.stdout.split())
     summary = r.stderr.strip().splitlines()[-1]

@@ -173,9 +173,15 @@ def test_decode_steps_launched_ahead_give_the_same_outputs(model_dir):
     plain = LLM(model_dir, cuda_graphs=False, **kwargs)
     piped = LLM(model_dir, cuda_graphs=False, **kwargs)
     graphs = _stand_in_graphs(piped, 48)
-    launched = []
+    launched, chained = [], []
     real_ahead = piped.runner.launch_ahead
-    piped.runner.launch_ahead = lambda prev: launched.append(real_ahead(prev)) or launched[-1]
+
+    def spy(prev):
+        launched.append(real_ahead(prev))
+        chained.append(launched[-1] is not None and prev.ahead)
+        return launched[-1]
+
+    piped.runner.launch_ahead = spy
 
     probe = plain.generate(PROMPTS[1], GREEDY)[0].token_ids
     eos = probe[5]  # a token the greedy run meets mid-way, made the end-of-sequence token
@@ -190,6 +196,7 @@ def test_decode_steps_launched_ahead_give_the_same_outputs(model_dir):
         [(o.token_ids, o.finish_reason, o.text) for o in want]
     assert {o.finish_reason for o in want} == {"stop", "length"}
     assert sum(a is not None for a in launched) >= 3, "no decode step was launched ahead"
+    assert any(chained), "steps launched ahead never chained"
     assert graphs.replays > sum(a is not None for a in launched)
     assert "".join(piped.stream(PROMPTS[2], params[2])) == want[2].text
     assert piped.allocator.num_used == 0

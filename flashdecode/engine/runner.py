@@ -78,7 +78,7 @@ class PendingStep:
     """A forward pass whose sampled tokens are on their way to the host.
 
     ``tokens`` is filled once ``ready`` (a CUDA event; None on the CPU) has completed. ``ahead``
-    is 1 for a decode step launched before the previous step's tokens were known: its positions
+    is True for a decode step launched before the previous step's tokens were known: its positions
     are one past each sequence's ``num_cached`` at launch time.
     """
 
@@ -88,7 +88,7 @@ class PendingStep:
     tokens: torch.Tensor | None  # (sum(sampled),) int64 on the host
     ready: torch.cuda.Event | None
     graph_decode: bool
-    ahead: int = 0
+    ahead: bool = False
 
 
 def _to_host(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
@@ -161,13 +161,18 @@ class ModelRunner:
         """The decode step after ``prev`` (same sequences, one token each), enqueued before ``prev``'s
         tokens reach the host: its input ids are ``prev``'s sampled tokens, already on the device.
 
+        ``prev`` must be the only step not yet resolved, so that it feeds each sequence's position
+        ``num_cached`` and this step the next one; ``prev`` may itself have been launched ahead
+        (steps chain while the batch stays the same).
+
         None when that cannot be done safely or usefully: ``prev`` is not a replayed decode step, a
         sequence has finished or may finish with ``prev``'s token (length limits), a page is
-        missing, or the step's graph is not captured yet. A sequence that ends with ``prev``'s token (end of sequence, stop string) makes
-        this step's row wasted work, dropped by `resolve`; the key/value it writes is that of the
-        sequence's real last token, in a page the sequence still held when the step was enqueued.
+        missing, or the step's graph is not captured yet. A sequence that ends with ``prev``'s token
+        (end of sequence, stop string) makes this step's row wasted work, dropped by `resolve`; the
+        key/value it writes is that of the sequence's real last token, in a page the sequence still
+        held when the step was enqueued.
         """
-        if not prev.graph_decode or prev.ahead:
+        if not prev.graph_decode:
             return None
         seqs = prev.seqs
         for s in seqs:
@@ -185,7 +190,7 @@ class ModelRunner:
         next_ids = self._sample(seqs, logits, prev.sampled)
         self.graphs.feed(next_ids)
         tokens, ready = _to_host(next_ids)
-        return PendingStep(seqs, [1] * len(seqs), list(prev.sampled), tokens, ready, True, ahead=1)
+        return PendingStep(seqs, [1] * len(seqs), list(prev.sampled), tokens, ready, True, ahead=True)
 
     def resolve(self, pending: PendingStep) -> list[int | None]:
         """Wait for ``pending``'s tokens; advance ``num_cached`` and register full pages of each

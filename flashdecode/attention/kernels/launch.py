@@ -61,6 +61,13 @@ def _plan(p: PackedProblem) -> tuple[heuristics.TileConfig, int, int]:
     return heuristics.cap_stages(cfg, capacity, splits), n_m_tiles, splits
 
 
+def tile_in_page(page_size: int, block_n: int, k_pages: torch.Tensor, v_pages: torch.Tensor) -> bool:
+    """Whether every key tile lies in one page (pages a multiple of the tile) and the kernel may
+    address its rows with 32-bit offsets from one 64-bit tile base."""
+    widest = max(abs(k_pages.stride(1)), abs(v_pages.stride(1))) * block_n
+    return page_size % block_n == 0 and widest < 2**31
+
+
 def paged_gather_mode() -> str | None:
     """``FLASHDECODE_PAGED_GATHER`` as set now (None if unset); validated by ``heuristics.gather_page``."""
     mode = os.environ.get(PAGED_GATHER_ENV)
@@ -151,7 +158,7 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor) -> None:
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         SPLIT=splits > 1,
-        TILE_IN_PAGE=page_size % cfg.block_n == 0,
+        TILE_IN_PAGE=tile_in_page(page_size, cfg.block_n, kc, vc),
         GATHER_PAGE=heuristics.gather_page(page_size, cfg.block_n, paged_gather_mode()),
         HAS_WINDOW_LEFT=p.window_left >= 0,
         HAS_WINDOW_RIGHT=p.window_right >= 0,

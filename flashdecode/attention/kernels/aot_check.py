@@ -20,6 +20,8 @@ ATTENTION_VARIANTS: dict[str, dict[str, Any]] = {
     "decode-split-page16": dict(TILE_IN_PAGE=False),
     "decode-split-gather16": dict(TILE_IN_PAGE=False, GATHER_PAGE=16),
     "decode-split-in-page": dict(),
+    "decode-fused-append": dict(APPEND=True, ROTARY_DIM=128, ROTARY_INTERLEAVED=False),
+    "decode-fused-append-page16": dict(APPEND=True, TILE_IN_PAGE=False, GATHER_PAGE=16, ROTARY_DIM=128),
     "decode-all-features": dict(SPLIT=False, HAS_WINDOW_LEFT=True, HAS_SOFTCAP=True, HAS_ALIBI=True, ROTARY_DIM=64,
                                 ROTARY_INTERLEAVED=False),
     "decode-features-gather4": dict(SPLIT=False, TILE_IN_PAGE=False, GATHER_PAGE=4, HAS_WINDOW_LEFT=True,
@@ -27,6 +29,9 @@ ATTENTION_VARIANTS: dict[str, dict[str, Any]] = {
     "decode-d80": dict(HEAD_DIM=80, TILE_IN_PAGE=False, ROTARY_DIM=80),
     "decode-mqa": dict(BLOCK_M=32, GROUP=32),
     "decode-d256-fp16": dict(dtype="fp16", HEAD_DIM=256, HEAD_DIM_P2=256, BLOCK_N=32, num_stages=2),
+    "decode-d256-fused-append": dict(HEAD_DIM=256, HEAD_DIM_P2=256, BLOCK_N=32, num_stages=2, APPEND=True,
+                                     ROTARY_DIM=256, ROTARY_INTERLEAVED=False),
+    "decode-mqa-fused-append": dict(BLOCK_M=32, GROUP=32, APPEND=True, ROTARY_DIM=128, ROTARY_INTERLEAVED=False),
     "decode-fp32": dict(dtype="fp32", DOT_FP32=True, BLOCK_N=32),
     "prefill": dict(BLOCK_M=128, BLOCK_N=64, SPLIT=False, num_warps=8),
 }
@@ -93,13 +98,13 @@ def attention_variant(**kw: Any) -> Any:
     consts: dict[str, Any] = dict(
         GROUP=4, HEAD_DIM=128, HEAD_DIM_P2=128, BLOCK_M=16, BLOCK_N=64, SPLIT=True, TILE_IN_PAGE=True, GATHER_PAGE=0,
         HAS_WINDOW_LEFT=False, HAS_WINDOW_RIGHT=True, HAS_SOFTCAP=False, HAS_ALIBI=False, ROTARY_DIM=0,
-        ROTARY_INTERLEAVED=True, ROTARY_PER_POSITION=True, DOT_FP32=False,
+        ROTARY_INTERLEAVED=True, ROTARY_PER_POSITION=True, DOT_FP32=False, APPEND=False, APPEND_ROWS=16,
         stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1,
     )
     consts.update(kw)
     if consts["HEAD_DIM"] > consts["HEAD_DIM_P2"]:
         consts["HEAD_DIM_P2"] = 256
-    ptrs = {n: f"*{dt}" for n in ("Q", "K_CACHE", "V_CACHE", "COS", "SIN")}
+    ptrs = {n: f"*{dt}" for n in ("Q", "K_CACHE", "V_CACHE", "COS", "SIN", "K_NEW", "V_NEW")}
     ptrs.update({n: "*i32" for n in ("BLOCK_TABLE", "CU_SEQLENS_Q", "CACHE_SEQLENS", "CACHE_LEFTPAD",
                                      "CU_SEQLENS_K_NEW", "ROTARY_SEQLENS")})
     ptrs.update(ALIBI="*fp32", OUT="*fp32" if consts["SPLIT"] else f"*{dt}", LSE="*fp32")

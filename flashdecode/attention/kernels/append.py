@@ -10,6 +10,93 @@ from flashdecode.attention.kernels.rounding import cast_to
 
 
 @triton.jit
+def load_new_rows(
+    K_NEW,
+    V_NEW,
+    rows,
+    valid,
+    rpos,
+    hk,
+    COS,
+    SIN,
+    stride_cos,
+    seqlen_ro,
+    stride_knt,
+    stride_knh,
+    stride_knd,
+    stride_vnt,
+    stride_vnh,
+    stride_vnd,
+    K_DTYPE: tl.constexpr,
+    V_DTYPE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P2: tl.constexpr,
+    ROTARY_DIM: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+):
+    """New keys and values of packed rows ``rows`` (KV head ``hk``) exactly as the cache stores
+    them: keys rotated at positions ``rpos`` and rounded to ``K_DTYPE``, values in ``V_DTYPE``.
+    Rows with ``valid`` false read as zeros."""
+    offs_d = tl.arange(0, HEAD_DIM_P2)
+    mask = valid[:, None] & (offs_d < HEAD_DIM)[None, :]
+    row64 = rows.to(tl.int64)
+    k_src = K_NEW + row64 * stride_knt + hk * stride_knh
+    if ROTARY_DIM > 0:
+        k = load_rotated(
+            k_src, valid, rpos, COS, SIN, stride_cos, seqlen_ro, stride_knd,
+            HEAD_DIM, HEAD_DIM_P2, ROTARY_DIM, INTERLEAVED,
+        )
+    else:
+        k = tl.load(k_src[:, None] + offs_d[None, :] * stride_knd, mask=mask, other=0.0)
+    v = tl.load(V_NEW + row64[:, None] * stride_vnt + hk * stride_vnh + offs_d[None, :] * stride_vnd, mask=mask,
+                other=0.0)
+    return cast_to(k, K_DTYPE), v.to(V_DTYPE)
+
+
+@triton.jit
+def new_slot_pages(BT_ROW, slot, valid, num_pages, max_pages, page_size):
+    """(page id, writable) of cache slots ``slot``: writable when ``valid``, inside the block table
+    and on a page of the pool (the lengths may be bad when value checks are off)."""
+    pidx = slot // page_size
+    valid = valid & (slot >= 0) & (pidx < max_pages)
+    page = tl.load(BT_ROW + pidx, mask=valid, other=-1)
+    return page, valid & (page >= 0) & (page < num_pages)
+
+
+@triton.jit
+def store_new_rows(
+    k,
+    v,
+    K_CACHE,
+    V_CACHE,
+    page,
+    slot,
+    ok,
+    hk,
+    page_size,
+    stride_kp,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    stride_vp,
+    stride_vs,
+    stride_vh,
+    stride_vd,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P2: tl.constexpr,
+):
+    """Write rows ``k``/``v`` to cache slots ``slot`` on pages ``page`` where ``ok``."""
+    offs_d = tl.arange(0, HEAD_DIM_P2)
+    mask = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    in_page = (slot % page_size).to(tl.int64)
+    page64 = page.to(tl.int64)
+    k_dst = K_CACHE + page64 * stride_kp + in_page * stride_ks + hk * stride_kh
+    tl.store(k_dst[:, None] + offs_d[None, :] * stride_kd, k, mask=mask)
+    v_dst = V_CACHE + page64 * stride_vp + in_page * stride_vs + hk * stride_vh
+    tl.store(v_dst[:, None] + offs_d[None, :] * stride_vd, v, mask=mask)
+
+
+@triton.jit
 def append_kv_kernel(
     K_NEW,
     V_NEW,
@@ -65,28 +152,17 @@ def append_kv_kernel(
     row = n0 + offs_t
     valid = (offs_t < new_len) & (row >= 0) & (row < total_new)
     slot = tl.load(CACHE_SEQLENS + b) + offs_t
-    pidx = slot // page_size
-    valid = valid & (slot >= 0) & (pidx < max_pages)
-    page = tl.load(BLOCK_TABLE + b.to(tl.int64) * stride_bt + pidx, mask=valid, other=-1)
-    valid = valid & (page >= 0) & (page < num_pages)
-    in_page = (slot - pidx * page_size).to(tl.int64)
-
-    offs_d = tl.arange(0, HEAD_DIM_P2)
-    mask = valid[:, None] & (offs_d < HEAD_DIM)[None, :]
-    row64 = row.to(tl.int64)
-
-    k_src = K_NEW + row64 * stride_knt + hk * stride_knh
+    page, ok = new_slot_pages(BLOCK_TABLE + b.to(tl.int64) * stride_bt, slot, valid, num_pages, max_pages, page_size)
+    rpos = offs_t
     if ROTARY_DIM > 0:
         rpos = tl.load(ROTARY_SEQLENS + b) + offs_t
-        k = load_rotated(
-            k_src, valid, rpos, COS, SIN, stride_cos, seqlen_ro, stride_knd,
-            HEAD_DIM, HEAD_DIM_P2, ROTARY_DIM, INTERLEAVED,
-        )
-    else:
-        k = tl.load(k_src[:, None] + offs_d[None, :] * stride_knd, mask=mask, other=0.0)
-    k_dst = K_CACHE + page.to(tl.int64) * stride_kp + in_page * stride_ks + hk * stride_kh
-    tl.store(k_dst[:, None] + offs_d[None, :] * stride_kd, cast_to(k, K_CACHE.dtype.element_ty), mask=mask)
-
-    v = tl.load(V_NEW + row64[:, None] * stride_vnt + hk * stride_vnh + offs_d[None, :] * stride_vnd, mask=mask)
-    v_dst = V_CACHE + page.to(tl.int64) * stride_vp + in_page * stride_vs + hk * stride_vh
-    tl.store(v_dst[:, None] + offs_d[None, :] * stride_vd, v, mask=mask)
+    k, v = load_new_rows(
+        K_NEW, V_NEW, row, ok, rpos, hk, COS, SIN, stride_cos, seqlen_ro,
+        stride_knt, stride_knh, stride_knd, stride_vnt, stride_vnh, stride_vnd,
+        K_CACHE.dtype.element_ty, V_CACHE.dtype.element_ty, HEAD_DIM, HEAD_DIM_P2, ROTARY_DIM, INTERLEAVED,
+    )
+    store_new_rows(
+        k, v, K_CACHE, V_CACHE, page, slot, ok, hk, page_size,
+        stride_kp, stride_ks, stride_kh, stride_kd, stride_vp, stride_vs, stride_vh, stride_vd,
+        HEAD_DIM, HEAD_DIM_P2,
+    )

@@ -16,6 +16,11 @@ of the tile takes one entry per tile (``TILE_IN_PAGE``); a page that is a power 
 tile (``GATHER_PAGE``, e.g. 16) takes the tile's few entries as one small vector, repeats each
 for its page's slots and uses a constant in-page slot per row; any other page size looks up each
 slot (a division by the runtime page size per slot). All read the same addresses.
+
+Fused append (``APPEND``, a few new keys per sequence): the kernel also writes the new keys and
+values into the cache, and reads them from the new-key tensors as one extra tile (see the kernel's
+docstring), so decode runs one kernel (two with splits: the combine) instead of an append kernel
+first.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from flashdecode.attention.kernels.append import load_new_rows, new_slot_pages, store_new_rows
 from flashdecode.attention.kernels.rotary import load_rotated
 from flashdecode.attention.kernels.rounding import cast_to
 
@@ -135,7 +141,37 @@ def _key_tile(
         ld_mask = key_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     k = tl.load(k_ptrs, mask=ld_mask, other=0.0)
     v = tl.load(v_ptrs, mask=ld_mask, other=0.0)
+    return _attend(
+        acc, l_i, m_i, q, k, v, offs_n, key_ok, rel_row, slope, qk_scale, softcap_log2, window_left, window_right,
+        MASKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32,
+    )
 
+
+@triton.jit
+def _attend(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k,
+    v,
+    offs_n,
+    key_ok,
+    rel_row,
+    slope,
+    qk_scale,
+    softcap_log2,
+    window_left,
+    window_right,
+    MASKED: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr,
+    HAS_WINDOW_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """Online-softmax update of ``acc``/``l_i``/``m_i`` with keys ``k`` and values ``v`` at slots
+    ``offs_n``; with ``MASKED``, keys with ``key_ok`` false or outside a row's window are skipped."""
     if DOT_FP32:
         qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
@@ -192,7 +228,10 @@ def attention_split_kernel(
     ALIBI,
     OUT,
     LSE,
+    K_NEW,
+    V_NEW,
     total_q,
+    total_new,
     num_kv_heads,
     num_pages,
     max_pages,
@@ -223,6 +262,12 @@ def attention_split_kernel(
     stride_ls,
     stride_lh,
     stride_lt,
+    stride_knt,
+    stride_knh,
+    stride_knd,
+    stride_vnt,
+    stride_vnh,
+    stride_vnd,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
@@ -239,8 +284,16 @@ def attention_split_kernel(
     ROTARY_INTERLEAVED: tl.constexpr,
     ROTARY_PER_POSITION: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    APPEND: tl.constexpr,
+    APPEND_ROWS: tl.constexpr,
 ):
     """Grid ``(num_m_tiles * num_kv_heads, batch, num_splits)``.
+
+    With ``APPEND`` (at most ``APPEND_ROWS`` new keys per sequence) the kernel also appends: one
+    program per sequence and KV head writes the new keys (rotated) and values into the cache, and
+    the programs of the last split take the new keys straight from ``K_NEW``/``V_NEW`` as one
+    extra key tile, so no program reads a cache slot this launch writes. Without it the new keys
+    are already in the cache (`append_kv_kernel` ran first).
 
     With ``SPLIT`` the outputs are the workspace: ``OUT`` (splits, total_q, H, D) float32 partial
     outputs (already divided by their own sum) and ``LSE`` a float32 log2-domain LSE per (split,
@@ -255,6 +308,33 @@ def attention_split_kernel(
     # Heaviest (last, under a causal mask) query tiles first.
     m_tile = tl.num_programs(0) // num_kv_heads - 1 - pid0 // num_kv_heads
 
+    BT_ROW = BLOCK_TABLE + b.to(tl.int64) * stride_bt
+    n0 = tl.load(CU_SEQLENS_K_NEW + b)
+    new_len = tl.load(CU_SEQLENS_K_NEW + b + 1) - n0
+    old_end = tl.load(CACHE_SEQLENS + b)
+    if ROTARY_DIM > 0:
+        rbase = tl.load(ROTARY_SEQLENS + b)
+    else:
+        rbase = 0
+    if APPEND:
+        if (split == 0) & (m_tile == 0):
+            offs_t = tl.arange(0, APPEND_ROWS)
+            new_rows = n0 + offs_t
+            new_slots = old_end + offs_t
+            valid = (offs_t < new_len) & (new_rows >= 0) & (new_rows < total_new)
+            page_w, ok_w = new_slot_pages(BT_ROW, new_slots, valid, num_pages, max_pages, page_size)
+            k_w, v_w = load_new_rows(
+                K_NEW, V_NEW, new_rows, ok_w, rbase + offs_t, hk, COS, SIN, stride_cos, seqlen_ro,
+                stride_knt, stride_knh, stride_knd, stride_vnt, stride_vnh, stride_vnd,
+                K_CACHE.dtype.element_ty, V_CACHE.dtype.element_ty, HEAD_DIM, HEAD_DIM_P2, ROTARY_DIM,
+                ROTARY_INTERLEAVED,
+            )
+            store_new_rows(
+                k_w, v_w, K_CACHE, V_CACHE, page_w, new_slots, ok_w, hk, page_size,
+                stride_kp, stride_ks, stride_kh, stride_kd, stride_vp, stride_vs, stride_vh, stride_vd,
+                HEAD_DIM, HEAD_DIM_P2,
+            )
+
     q_start = tl.load(CU_SEQLENS_Q + b)
     seqlen_q = tl.load(CU_SEQLENS_Q + b + 1) - q_start
     n_rows = seqlen_q * GROUP
@@ -262,11 +342,12 @@ def attention_split_kernel(
     if row0 >= n_rows:
         return
 
-    new_len = tl.load(CU_SEQLENS_K_NEW + b + 1) - tl.load(CU_SEQLENS_K_NEW + b)
-    end = tl.load(CACHE_SEQLENS + b) + new_len  # one past the last valid key slot
+    end = old_end + new_len  # one past the last valid key slot
     capacity = max_pages * page_size
     kv_lo = tl.maximum(tl.load(CACHE_LEFTPAD + b), 0)
     kv_hi = tl.minimum(end, capacity)
+    # Keys the cache tiles read: with APPEND the new ones come in the extra tile instead.
+    kv_hi_cache = tl.minimum(kv_hi, old_end) if APPEND else kv_hi
     diag = end - seqlen_q  # query i sees slot t at bottom-right distance i + diag - t
 
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -280,8 +361,8 @@ def attention_split_kernel(
     # Keys some row may see, and keys every row sees (those tiles skip the score mask).
     lo_any = kv_lo
     lo_all = kv_lo
-    hi_any = kv_hi
-    hi_all = kv_hi
+    hi_any = kv_hi_cache
+    hi_all = kv_hi_cache
     if HAS_WINDOW_LEFT:
         lo_any = tl.maximum(lo_any, i_min + diag - window_left)
         lo_all = tl.maximum(lo_all, i_max + diag - window_left)
@@ -306,7 +387,6 @@ def attention_split_kernel(
     offs_d = tl.arange(0, HEAD_DIM_P2)
     q_rows = Q + token.to(tl.int64) * stride_qt + head * stride_qh
     if ROTARY_DIM > 0:
-        rbase = tl.load(ROTARY_SEQLENS + b)
         if ROTARY_PER_POSITION:
             rpos = rbase + pos
         else:
@@ -331,7 +411,6 @@ def attention_split_kernel(
 
     K_BASE = K_CACHE + hk * stride_kh
     V_BASE = V_CACHE + hk * stride_vh
-    BT_ROW = BLOCK_TABLE + b.to(tl.int64) * stride_bt
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P2], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -344,7 +423,7 @@ def attention_split_kernel(
         acc, l_i, m_i = _key_tile(
             acc, l_i, m_i, q, start, page, K_BASE, V_BASE, num_pages, page_size,
             stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
-            kv_lo, kv_hi, rel_row, slope, qk_scale, softcap_log2, window_left, window_right,
+            kv_lo, kv_hi_cache, rel_row, slope, qk_scale, softcap_log2, window_left, window_right,
             HEAD_DIM, HEAD_DIM_P2, BLOCK_N, True, TILE_IN_PAGE, GATHER_PAGE,
             HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32,
         )
@@ -355,7 +434,7 @@ def attention_split_kernel(
         acc, l_i, m_i = _key_tile(
             acc, l_i, m_i, q, start, page, K_BASE, V_BASE, num_pages, page_size,
             stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
-            kv_lo, kv_hi, rel_row, slope, qk_scale, softcap_log2, window_left, window_right,
+            kv_lo, kv_hi_cache, rel_row, slope, qk_scale, softcap_log2, window_left, window_right,
             HEAD_DIM, HEAD_DIM_P2, BLOCK_N, False, TILE_IN_PAGE, GATHER_PAGE,
             HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32,
         )
@@ -366,11 +445,30 @@ def attention_split_kernel(
         acc, l_i, m_i = _key_tile(
             acc, l_i, m_i, q, start, page, K_BASE, V_BASE, num_pages, page_size,
             stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
-            kv_lo, kv_hi, rel_row, slope, qk_scale, softcap_log2, window_left, window_right,
+            kv_lo, kv_hi_cache, rel_row, slope, qk_scale, softcap_log2, window_left, window_right,
             HEAD_DIM, HEAD_DIM_P2, BLOCK_N, True, TILE_IN_PAGE, GATHER_PAGE,
             HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32,
         )
         page = page_next
+
+    if APPEND:
+        if split == num_splits - 1:  # the new keys, as one more (masked) key tile
+            j = tl.arange(0, APPEND_ROWS)
+            new_rows = n0 + j
+            new_slots = old_end + j
+            valid = (j < new_len) & (new_rows >= 0) & (new_rows < total_new)
+            _, ok_r = new_slot_pages(BT_ROW, new_slots, valid, num_pages, max_pages, page_size)
+            k_r, v_r = load_new_rows(
+                K_NEW, V_NEW, new_rows, ok_r, rbase + j, hk, COS, SIN, stride_cos, seqlen_ro,
+                stride_knt, stride_knh, stride_knd, stride_vnt, stride_vnh, stride_vnd,
+                K_CACHE.dtype.element_ty, V_CACHE.dtype.element_ty, HEAD_DIM, HEAD_DIM_P2, ROTARY_DIM,
+                ROTARY_INTERLEAVED,
+            )
+            acc, l_i, m_i = _attend(
+                acc, l_i, m_i, q, k_r, v_r, new_slots, ok_r & (new_slots >= kv_lo) & (new_slots < kv_hi), rel_row,
+                slope, qk_scale, softcap_log2, window_left, window_right,
+                True, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32,
+            )
 
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]

@@ -1,5 +1,9 @@
 """Launcher of the Triton path: append, split-KV attention, combine.
 
+A call with at most ``FUSED_APPEND_ROWS`` new keys per sequence (decode, speculative
+verification) appends inside the attention kernel; larger appends (prefill) run the append kernel
+first. Either way the cache ends up with the same bytes.
+
 Everything here is decided from shapes and device properties, never from tensor values: no host
 synchronisation and no data-dependent allocation, so a call can be captured in a CUDA graph and
 replayed after the caller changes ``cache_seqlens``, the block table or the cache contents.
@@ -32,6 +36,8 @@ LOG2E = math.log2(math.e)
 PAGED_GATHER_ENV = "FLASHDECODE_PAGED_GATHER"
 # New keys per program of the append kernel.
 APPEND_BLOCK_T = 16
+# Up to this many new keys per sequence, the attention kernel appends them itself (no append kernel).
+FUSED_APPEND_ROWS = 16
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,8 +116,17 @@ def append_kv(p: PackedProblem) -> None:
     )
 
 
-def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Split-KV attention over the (already appended) cache; writes ``out`` and ``lse``."""
+def fuse_append(p: PackedProblem) -> bool:
+    """Whether the attention kernel appends ``p``'s new keys itself: a few per sequence (decode,
+    speculative verification) and at least one query row (else no attention program runs)."""
+    return p.k_new is not None and p.v_new is not None and p.k_new.shape[0] > 0 \
+        and 0 < p.max_seqlen_k_new <= FUSED_APPEND_ROWS and p.q.shape[0] > 0
+
+
+def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bool = False) -> None:
+    """Split-KV attention over the cache; writes ``out`` and ``lse``. With ``append`` (see
+    `fuse_append`) the kernel also writes the new keys/values into the cache; otherwise they must
+    be there already (`append_kv`)."""
     total_q, num_heads, head_dim = p.q.shape
     if total_q == 0:
         return
@@ -138,11 +153,12 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor) -> None:
         o_strides = (0, *out.stride())
         l_strides = (0, lse.stride(0), lse.stride(1))
 
+    kn, vn = (p.k_new, p.v_new) if append else (q, q)
     grid = (n_m_tiles * num_kv_heads, p.batch, splits)
     attention_split_kernel[grid](
         q, kc, vc, bt, p.cu_seqlens_q, p.cache_seqlens, p.cache_leftpad, p.cu_seqlens_k_new,
-        p.rotary_seqlens, cos, sin, alibi, o_dst, l_dst,
-        total_q, num_kv_heads, num_pages, bt.shape[1], page_size, seqlen_ro,
+        p.rotary_seqlens, cos, sin, alibi, o_dst, l_dst, kn, vn,
+        total_q, kn.shape[0] if append else 0, num_kv_heads, num_pages, bt.shape[1], page_size, seqlen_ro,
         qk_scale, softcap_log2, p.window_left, p.window_right,
         q.stride(0), q.stride(1), q.stride(2),
         kc.stride(0), kc.stride(1), kc.stride(2), kc.stride(3),
@@ -152,6 +168,8 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor) -> None:
         alibi.stride(0) if p.alibi_slopes is not None else 0,
         *o_strides,
         *l_strides,
+        kn.stride(0), kn.stride(1), kn.stride(2),
+        vn.stride(0), vn.stride(1), vn.stride(2),
         GROUP=group,
         HEAD_DIM=head_dim,
         HEAD_DIM_P2=d_p2,
@@ -169,6 +187,8 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor) -> None:
         ROTARY_PER_POSITION=p.causal or p.local,
         # fp32 inputs need exact (not tf32) products; the interpreter's dot mishandles bf16.
         DOT_FP32=q.dtype == torch.float32 or not q.is_cuda,
+        APPEND=append,
+        APPEND_ROWS=FUSED_APPEND_ROWS,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -195,5 +215,8 @@ def triton_forward(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor) -> No
     +inf with a zero output for a query row that sees no key). Same contract as
     ``reference_forward``.
     """
-    append_kv(p)
-    attention(p, out, lse)
+    if fuse_append(p):
+        attention(p, out, lse, append=True)
+    else:
+        append_kv(p)
+        attention(p, out, lse)

@@ -202,6 +202,31 @@ def test_decode_steps_launched_ahead_give_the_same_outputs(model_dir):
     assert piped.allocator.num_used == 0
 
 
+def test_decode_steps_launched_ahead_under_preemption_and_in_a_chat_session(model_dir):
+    """Look-ahead steps when pages run out (the extra page a step launched ahead needs may be
+    missing, and requests get preempted), and in a chat session whose pages outlive each turn."""
+    expected = [o.token_ids for o in LLM(model_dir, device="cpu", page_size=4, num_kv_blocks=256, seed=0,
+                                         enable_prefix_caching=False).generate(PROMPTS, GREEDY)]
+    small = LLM(model_dir, device="cpu", page_size=4, num_kv_blocks=14, max_num_seqs=8, seed=0)
+    graphs = _stand_in_graphs(small, 14)
+    outs = small.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == expected
+    assert small.stats.preemptions > 0 and graphs.replays > 0
+    assert small.allocator.num_used == 0 and not small._busy
+
+    params = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)
+    plain = LLM(model_dir, device="cpu", page_size=4, num_kv_blocks=64, seed=0)
+    piped = LLM(model_dir, device="cpu", page_size=4, num_kv_blocks=64, seed=0)
+    _stand_in_graphs(piped, 64)
+    texts = []
+    for llm in (plain, piped):
+        session = llm.chat_session(system_prompt="w3")
+        texts.append(["".join(session.send(m, params)) for m in ("w1 w2", "w4", "w5 w6 w7")])
+        session.close()
+        assert llm.allocator.num_used == 0
+    assert texts[0] == texts[1]
+
+
 @pytest.mark.gpu
 def test_cuda_graph_decode_equals_eager_on_the_gpu(model_dir):
     """Graph replay must equal eager execution (GPU only).

@@ -10,9 +10,12 @@ With ``--paged-variants`` every paged shape is timed under both gather modes of 
 (``FLASHDECODE_PAGED_GATHER=row``: one block-table lookup per key slot; ``page``: one per page,
 see heuristics.gather_page), and a summary gives each mode's time at the heuristic's config and
 its best, next to the contiguous cache. ``--heuristic-only`` times only the heuristic's config (a
-quick A/B of the modes).
+quick A/B of the modes). ``--combine-variants`` then times every shape at the heuristic's config
+with the split results merged by the combine kernel and by the last split itself
+(``FLASHDECODE_FUSED_COMBINE=0/1``), contiguous and paged.
 
-Usage: python scripts/tune_decode.py [--quick] [--paged-variants] [--heuristic-only] [--out sweep.json]
+Usage: python scripts/tune_decode.py [--quick] [--paged-variants] [--heuristic-only] [--combine-variants]
+       [--out sweep.json]
 """
 
 from __future__ import annotations
@@ -92,6 +95,8 @@ def main() -> int:
     ap.add_argument("--paged-variants", action="store_true",
                     help="time paged shapes under both FLASHDECODE_PAGED_GATHER modes (row, page)")
     ap.add_argument("--heuristic-only", action="store_true", help="time only the heuristic's tile config and splits")
+    ap.add_argument("--combine-variants", action="store_true",
+                    help="also time each shape with FLASHDECODE_FUSED_COMBINE=0 and =1 (heuristic config)")
     args = ap.parse_args()
     original = heuristics.choose_tiles
     sms = launch.num_sms(torch.device("cuda"))
@@ -131,9 +136,38 @@ def main() -> int:
             print(f"{','.join(map(str, shape))}: contig {c[0]:7.1f} ({c[1]:.1f}) | row {r[0]:7.1f} ({r[1]:.1f}) "
                   f"ratio {r[0] / c[0]:.2f} | page {g[0]:7.1f} ({g[1]:.1f}) ratio {g[0] / c[0]:.2f} | "
                   f"page/row {g[0] / r[0]:.3f}", flush=True)
+    if args.combine_variants:
+        results.extend(combine_variants())
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0
+
+
+def combine_variants() -> list[dict]:
+    """Heuristic config of every shape, splits merged by the combine kernel vs by the last split."""
+    print("\nsplit merge: combine kernel vs fused into the attention kernel (heuristic config), us", flush=True)
+    before = os.environ.get(launch.FUSED_COMBINE_ENV)
+    rows = []
+    try:
+        for (b, l, hq, hk, d), paged in itertools.product(SHAPES, (False, True)):
+            inputs = make_inputs(b, l, hq, hk, d, paged)
+            times = {}
+            for mode in ("0", "1"):
+                os.environ[launch.FUSED_COMBINE_ENV] = mode
+                times[mode] = time_graph(lambda: flash_attn_with_kvcache(**inputs))
+            layout = "paged16" if paged else "contig"
+            rows.append(dict(shape=[b, l, hq, hk, d], layout=layout, combine_kernel_us=times["0"],
+                             fused_combine_us=times["1"]))
+            print(f"{b},{l},{hq}/{hk},{d} {layout:8s}: combine kernel {times['0']:7.1f} | fused {times['1']:7.1f} "
+                  f"| fused/kernel {times['1'] / times['0']:.3f}", flush=True)
+            inputs = None  # free before the next shape
+            torch.cuda.empty_cache()
+    finally:
+        if before is None:
+            os.environ.pop(launch.FUSED_COMBINE_ENV, None)
+        else:
+            os.environ[launch.FUSED_COMBINE_ENV] = before
+    return rows
 
 
 def sweep_shape(args, inputs, shape, paged, layout, original, sms, results) -> tuple[float, float]:

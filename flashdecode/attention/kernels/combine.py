@@ -69,3 +69,50 @@ def combine_splits_kernel(
     out_lse = tl.where(has_key, (m + tl.log2(tl.where(has_key, denom, 1.0))) * LN2, float("inf"))
     tl.store(OUT + t * stride_ot + h * stride_oh + offs_d * stride_od, cast_to(out, OUT.dtype.element_ty), mask=d_ok)
     tl.store(LSE + h * stride_lse_h + t * stride_lse_t, out_lse)
+
+
+@triton.jit
+def combine_rows(
+    O_PART,
+    LSE_PART,
+    OUT,
+    LSE,
+    part_rows,
+    part_lse,
+    out_rows,
+    out_lse,
+    row_ok,
+    num_splits,
+    stride_ps,
+    stride_ls,
+    stride_pd,
+    stride_od,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """`combine_splits_kernel`'s merge for one tile of rows, run by the attention program that
+    finishes last (``FUSED_COMBINE``): ``part_rows``/``part_lse`` are the rows' offsets in split 0
+    of ``O_PART``/``LSE_PART``, ``out_rows``/``out_lse`` in ``OUT``/``LSE``. The partial results
+    were written by other programs, so they are read past L1 (``.cg``)."""
+    offs_d = tl.arange(0, HEAD_DIM_P2)
+    mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for s in range(0, num_splits):
+        lse = tl.load(LSE_PART + s * stride_ls + part_lse, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+        m = tl.maximum(m, lse)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    denom = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_P2], dtype=tl.float32)
+    for s in range(0, num_splits):
+        w = tl.exp2(tl.load(LSE_PART + s * stride_ls + part_lse, mask=row_ok, other=float("-inf"),
+                            cache_modifier=".cg") - m)
+        o = tl.load(O_PART + s * stride_ps + part_rows[:, None] + offs_d[None, :] * stride_pd, mask=mask, other=0.0,
+                    cache_modifier=".cg")
+        acc += tl.where((w > 0.0)[:, None], w[:, None] * o, 0.0)
+        denom += w
+    has_key = denom > 0.0
+    out = acc / tl.where(has_key, denom, 1.0)[:, None]
+    lse_out = tl.where(has_key, (m + tl.log2(tl.where(has_key, denom, 1.0))) * LN2, float("inf"))
+    tl.store(OUT + out_rows[:, None] + offs_d[None, :] * stride_od, cast_to(out, OUT.dtype.element_ty), mask=mask)
+    tl.store(LSE + out_lse, lse_out, mask=row_ok)

@@ -1,0 +1,190 @@
+"""One key tile of the attention kernel: find its pages, load it, update the online softmax.
+
+Used by `attention.py`'s key loops (``key_tile``) and its extra tile of new keys (``attend``).
+Scores are in log2 units (the softmax scale carries log2(e)), so the update uses ``exp2``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from flashdecode.attention.kernels.rounding import cast_to
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def page_ids(
+    BT_ROW, start, max_pages, page_size, BLOCK_N: tl.constexpr, TILE_IN_PAGE: tl.constexpr, GATHER_PAGE: tl.constexpr
+):
+    """Page id of each slot of the key tile at ``start`` (-1 past the block table).
+
+    ``GATHER_PAGE`` (a power of two that divides ``BLOCK_N``, or 0): the tile's
+    ``BLOCK_N // GATHER_PAGE`` block-table entries are read once as a small vector and each one is
+    repeated for the ``GATHER_PAGE`` slots of its page, instead of one lookup (and one integer
+    division by the runtime page size) per slot. ``start`` must then be a multiple of ``BLOCK_N``
+    (every processed tile is).
+    """
+    if GATHER_PAGE > 0:
+        NP: tl.constexpr = BLOCK_N // GATHER_PAGE
+        pidx = start // GATHER_PAGE + tl.arange(0, NP)
+        pg = tl.load(BT_ROW + pidx, mask=pidx < max_pages, other=-1)
+        page = tl.reshape(tl.broadcast_to(pg[:, None], (NP, GATHER_PAGE)), (BLOCK_N,))
+    elif TILE_IN_PAGE:  # one page for the whole tile: a scalar
+        pidx = start // page_size
+        page = tl.load(BT_ROW + pidx, mask=pidx < max_pages, other=-1)
+    else:
+        pidx = (start + tl.arange(0, BLOCK_N)) // page_size
+        page = tl.load(BT_ROW + pidx, mask=pidx < max_pages, other=-1)
+    return page
+
+
+@triton.jit
+def key_tile(
+    acc,
+    l_i,
+    m_i,
+    q,
+    start,
+    page,
+    K_BASE,
+    V_BASE,
+    num_pages,
+    page_size,
+    stride_kp,
+    stride_ks,
+    stride_kd,
+    stride_vp,
+    stride_vs,
+    stride_vd,
+    kv_lo,
+    kv_hi,
+    rel_row,
+    slope,
+    qk_scale,
+    softcap_log2,
+    window_left,
+    window_right,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P2: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    TILE_IN_PAGE: tl.constexpr,
+    GATHER_PAGE: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr,
+    HAS_WINDOW_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """One key tile ``[start, start + BLOCK_N)`` of the online softmax.
+
+    ``rel_row`` is ``i + (end - Sq)`` per row: key slot t is at bottom-right distance
+    ``rel_row - t``. Unmasked tiles lie entirely inside every row's visible range, so they skip the
+    score mask; only page-id validity guards their loads.
+    """
+    offs_n = start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_P2)
+    if TILE_IN_PAGE:  # page is the tile's one page id (a scalar); the flag is still kept per row
+        page_rows = page + tl.zeros([BLOCK_N], dtype=tl.int32)
+        row_ok = (page_rows >= 0) & (page_rows < num_pages)
+    else:
+        row_ok = (page >= 0) & (page < num_pages)
+    page64 = page.to(tl.int64)
+    if TILE_IN_PAGE:
+        # The tile's rows are consecutive slots of one page: one scalar base per tile, then the
+        # same row offsets every tile (no per-row page arithmetic).
+        first_slot = (start % page_size).to(tl.int64)
+        rows = tl.arange(0, BLOCK_N)
+        k_tile = K_BASE + (page64 * stride_kp + first_slot * stride_ks)
+        v_tile = V_BASE + (page64 * stride_vp + first_slot * stride_vs)
+        k_ptrs = k_tile + (rows * stride_ks)[:, None] + offs_d[None, :] * stride_kd
+        v_ptrs = v_tile + (rows * stride_vs)[:, None] + offs_d[None, :] * stride_vd
+    else:
+        if GATHER_PAGE > 0:
+            # start is a multiple of BLOCK_N, hence of the page: the in-page slot is fixed per row.
+            in_page = (tl.arange(0, BLOCK_N) & (GATHER_PAGE - 1)).to(tl.int64)
+        else:
+            in_page = (offs_n % page_size).to(tl.int64)
+        k_ptrs = K_BASE + (page64 * stride_kp + in_page * stride_ks)[:, None] + offs_d[None, :] * stride_kd
+        v_ptrs = V_BASE + (page64 * stride_vp + in_page * stride_vs)[:, None] + offs_d[None, :] * stride_vd
+    if MASKED:
+        key_ok = row_ok & (offs_n >= kv_lo) & (offs_n < kv_hi)
+    else:
+        key_ok = row_ok
+    if HEAD_DIM == HEAD_DIM_P2:
+        ld_mask = key_ok[:, None]
+    else:
+        ld_mask = key_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = tl.load(k_ptrs, mask=ld_mask, other=0.0)
+    v = tl.load(v_ptrs, mask=ld_mask, other=0.0)
+    return attend(
+        acc, l_i, m_i, q, k, v, offs_n, key_ok, rel_row, slope, qk_scale, softcap_log2, window_left, window_right,
+        MASKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32,
+    )
+
+
+@triton.jit
+def attend(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k,
+    v,
+    offs_n,
+    key_ok,
+    rel_row,
+    slope,
+    qk_scale,
+    softcap_log2,
+    window_left,
+    window_right,
+    MASKED: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr,
+    HAS_WINDOW_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """Online-softmax update of ``acc``/``l_i``/``m_i`` with keys ``k`` and values ``v`` at slots
+    ``offs_n``; with ``MASKED``, keys with ``key_ok`` false or outside a row's window are skipped."""
+    if DOT_FP32:
+        qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    if HAS_SOFTCAP:
+        # softcap * tanh(x / softcap), in log2 units; tanh(y) = 2 / (1 + exp(-2y)) - 1.
+        y = qk * qk_scale
+        s = softcap_log2 * (2.0 / (1.0 + tl.exp2(y * (-2.0 * LOG2E))) - 1.0)
+    else:
+        s = qk * qk_scale
+    if HAS_ALIBI or MASKED:
+        rel = rel_row[:, None] - offs_n[None, :]
+    if HAS_ALIBI:
+        s = s - slope[:, None] * tl.abs(rel).to(tl.float32)
+    if MASKED:
+        vis = key_ok[None, :]
+        if HAS_WINDOW_RIGHT:
+            vis = vis & (rel >= -window_right)
+        if HAS_WINDOW_LEFT:
+            vis = vis & (rel <= window_left)
+        s = tl.where(vis, s, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:
+        # A row with nothing visible so far keeps m = -inf; use 0 as its offset to avoid inf - inf.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if DOT_FP32:
+        # Round p to v's dtype first, as the 16-bit tensor-core path does.
+        acc += tl.dot(cast_to(p, v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+    else:
+        acc += tl.dot(cast_to(p, v.dtype), v)
+    return acc, l_i, m_new

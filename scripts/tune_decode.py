@@ -44,6 +44,9 @@ SHAPES = [  # B, L, Hq, Hk, D
     (32, 8192, 32, 1, 128),
     (64, 2048, 9, 3, 64),
     (16, 8192, 16, 8, 256),
+    # the engine's batch-1 decode (512-token prompt + 256 new: the table holds 1024 slots)
+    (1, 1024, 9, 3, 64),
+    (1, 1024, 32, 8, 128),
 ]
 
 

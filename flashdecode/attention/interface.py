@@ -305,6 +305,10 @@ def flash_attn_with_kvcache(
     pool, ...) cost one host sync; they are skipped during CUDA-graph capture and torch.compile
     tracing, and when ``check_values=False`` — for callers such as an engine that build the
     metadata themselves. Without them the kernels still never write outside the caches.
+
+    Sequences of one call may share cache pages that they only read (a common prefix); a slot
+    that one sequence appends to must not be read by another sequence of the same call (on the
+    GPU the append and the attention of a decode step run in one kernel, as in FlashAttention).
     """
     args = (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
             block_table, softmax_scale, causal, window_size, softcap, rotary_interleaved, alibi_slopes, num_splits,

@@ -197,6 +197,7 @@ def test_decode_steps_launched_ahead_give_the_same_outputs(model_dir):
     assert {o.finish_reason for o in want} == {"stop", "length"}
     assert sum(a is not None for a in launched) >= 3, "no decode step was launched ahead"
     assert any(chained), "steps launched ahead never chained"
+    assert piped.stats.ahead_steps == sum(a is not None for a in launched) and plain.stats.ahead_steps == 0
     assert graphs.replays > sum(a is not None for a in launched)
     assert "".join(piped.stream(PROMPTS[2], params[2])) == want[2].text
     assert piped.allocator.num_used == 0

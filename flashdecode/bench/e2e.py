@@ -379,7 +379,7 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
 def _stats(llm) -> dict[str, int]:
     s = llm.stats
     return {k: int(getattr(s, k)) for k in ("steps", "prefix_hit_tokens", "prefilled_tokens", "decode_tokens",
-                                            "preemptions") if hasattr(s, k)}
+                                            "preemptions", "ahead_steps") if hasattr(s, k)}
 
 
 def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
@@ -912,6 +912,8 @@ def _cell(r: dict[str, Any], width: int = 90) -> str:
             bits.append(f"{st['preemptions']} preemptions")
         if r.get("graph_replays") is not None:
             bits.append(f"{r['graph_replays']} graph replays" + (" (decode ran eagerly!)" if not r["graph_replays"] else ""))
+        if st.get("ahead_steps"):
+            bits.append(f"{st['ahead_steps']} of {st.get('steps', '?')} steps launched ahead")
         if r.get("greedy_agree_with_eager") is not None:
             n, total = r["greedy_agree_with_eager"], len(r.get("first_tokens") or [])
             bits.append(f"== eager for {n}/{total} tok" + ("" if n == total else " (MISMATCH)"))

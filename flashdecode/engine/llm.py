@@ -169,7 +169,7 @@ class LLM:
     @property
     def stats(self):
         """Counters since the engine was built (`SchedulerStats`): steps, prompt tokens, prefix-cache hit
-        tokens, prefilled tokens, decode tokens, preemptions."""
+        tokens, prefilled tokens, decode tokens, preemptions, decode steps launched ahead."""
         return self.scheduler.stats
 
     def reset_prefix_cache(self) -> None:

@@ -55,6 +55,7 @@ class SchedulerStats:
     prefilled_tokens: int = 0  # of those, computed
     decode_tokens: int = 0
     preemptions: int = 0
+    ahead_steps: int = 0  # decode steps launched before the previous step's tokens were read
     preempted_ids: deque[int] = field(default_factory=lambda: deque(maxlen=1024))  # the latest victims
 
 
@@ -175,6 +176,7 @@ class Scheduler:
         launched ahead, before the previous step's tokens were known; the row of a request that
         ended with the previous token is counted too, as computed)."""
         self.stats.steps += 1
+        self.stats.ahead_steps += 1
         self.stats.decode_tokens += num_seqs
 
     # ------------------------------------------------------------------ after a step

@@ -54,13 +54,18 @@ def load_new_rows(
 
 
 @triton.jit
-def new_slot_pages(BT_ROW, slot, valid, num_pages, max_pages, page_size):
-    """(page id, writable) of cache slots ``slot``: writable when ``valid``, inside the block table
-    and on a page of the pool (the lengths may be bad when value checks are off)."""
-    pidx = slot // page_size
-    valid = valid & (slot >= 0) & (pidx < max_pages)
-    page = tl.load(BT_ROW + pidx, mask=valid, other=-1)
-    return page, valid & (page >= 0) & (page < num_pages)
+def locate_new_rows(BT_ROW, n0, new_len, old_end, offs_t, total_new, num_pages, max_pages, page_size):
+    """Where new keys ``offs_t`` of one sequence come from and go: (packed rows of ``K_NEW``, cache
+    slots, page ids, writable). A key is writable when it exists (``offs_t < new_len``, its row
+    inside ``K_NEW``), its slot is inside the block table and its page in the pool (the lengths may
+    be bad when value checks are off)."""
+    rows = n0 + offs_t
+    slots = old_end + offs_t
+    ok = (offs_t < new_len) & (rows >= 0) & (rows < total_new) & (slots >= 0)
+    pidx = slots // page_size
+    ok = ok & (pidx < max_pages)
+    page = tl.load(BT_ROW + pidx, mask=ok, other=-1)
+    return rows, slots, page, ok & (page >= 0) & (page < num_pages)
 
 
 @triton.jit
@@ -149,10 +154,10 @@ def append_kv_kernel(
     if pid_t * BLOCK_T >= new_len:
         return
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    row = n0 + offs_t
-    valid = (offs_t < new_len) & (row >= 0) & (row < total_new)
-    slot = tl.load(CACHE_SEQLENS + b) + offs_t
-    page, ok = new_slot_pages(BLOCK_TABLE + b.to(tl.int64) * stride_bt, slot, valid, num_pages, max_pages, page_size)
+    row, slot, page, ok = locate_new_rows(
+        BLOCK_TABLE + b.to(tl.int64) * stride_bt, n0, new_len, tl.load(CACHE_SEQLENS + b), offs_t, total_new,
+        num_pages, max_pages, page_size,
+    )
     rpos = offs_t
     if ROTARY_DIM > 0:
         rpos = tl.load(ROTARY_SEQLENS + b) + offs_t

@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from flashdecode.attention.kernels.append import load_new_rows, new_slot_pages, store_new_rows
+from flashdecode.attention.kernels.append import load_new_rows, locate_new_rows, store_new_rows
 from flashdecode.attention.kernels.combine import combine_rows
 from flashdecode.attention.kernels.key_tile import attend, key_tile, page_ids
 from flashdecode.attention.kernels.rotary import load_rotated
@@ -159,10 +159,9 @@ def attention_split_kernel(
     if APPEND:
         if (split == 0) & (m_tile == 0):
             offs_t = tl.arange(0, APPEND_ROWS)
-            new_rows = n0 + offs_t
-            new_slots = old_end + offs_t
-            valid = (offs_t < new_len) & (new_rows >= 0) & (new_rows < total_new)
-            page_w, ok_w = new_slot_pages(BT_ROW, new_slots, valid, num_pages, max_pages, page_size)
+            new_rows, new_slots, page_w, ok_w = locate_new_rows(
+                BT_ROW, n0, new_len, old_end, offs_t, total_new, num_pages, max_pages, page_size,
+            )
             k_w, v_w = load_new_rows(
                 K_NEW, V_NEW, new_rows, ok_w, rbase + offs_t, hk, COS, SIN, stride_cos, seqlen_ro,
                 stride_knt, stride_knh, stride_knd, stride_vnt, stride_vnh, stride_vnd,
@@ -255,49 +254,35 @@ def attention_split_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
-    # The block-table entries of the next tile are read one iteration ahead, so that the K/V
-    # loads do not wait on a load of the same iteration and pipeline as deep as num_stages allows.
-    page = page_ids(BT_ROW, s_lo, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE)
-    for start in range(s_lo, full_lo, BLOCK_N):
-        page_next = page_ids(BT_ROW, start + BLOCK_N, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE)
-        acc, l_i, m_i = key_tile(
-            acc, l_i, m_i, q, start, page, K_BASE, V_BASE, num_pages, page_size,
-            stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
-            kv_lo, kv_hi_cache, rel_row, slope, qk_scale, softcap_log2, window_left, window_right,
-            HEAD_DIM, HEAD_DIM_P2, BLOCK_N, True, TILE_IN_PAGE, GATHER_PAGE,
-            HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32,
-        )
-        page = page_next
-    page = page_ids(BT_ROW, full_lo, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE)
-    for start in range(full_lo, full_hi, BLOCK_N):
-        page_next = page_ids(BT_ROW, start + BLOCK_N, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE)
-        acc, l_i, m_i = key_tile(
-            acc, l_i, m_i, q, start, page, K_BASE, V_BASE, num_pages, page_size,
-            stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
-            kv_lo, kv_hi_cache, rel_row, slope, qk_scale, softcap_log2, window_left, window_right,
-            HEAD_DIM, HEAD_DIM_P2, BLOCK_N, False, TILE_IN_PAGE, GATHER_PAGE,
-            HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32,
-        )
-        page = page_next
-    page = page_ids(BT_ROW, full_hi, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE)
-    for start in range(full_hi, s_hi, BLOCK_N):
-        page_next = page_ids(BT_ROW, start + BLOCK_N, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE)
-        acc, l_i, m_i = key_tile(
-            acc, l_i, m_i, q, start, page, K_BASE, V_BASE, num_pages, page_size,
-            stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
-            kv_lo, kv_hi_cache, rel_row, slope, qk_scale, softcap_log2, window_left, window_right,
-            HEAD_DIM, HEAD_DIM_P2, BLOCK_N, True, TILE_IN_PAGE, GATHER_PAGE,
-            HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32,
-        )
-        page = page_next
+    # Three runs of key tiles: masked [s_lo, full_lo), unmasked [full_lo, full_hi), masked
+    # [full_hi, s_hi) (unrolled: MASKED is a compile-time constant in each). The block-table
+    # entries of the next tile are read one iteration ahead, so that the K/V loads do not wait on a
+    # load of the same iteration and pipeline as deep as num_stages allows.
+    for phase in tl.static_range(3):
+        if phase == 0:
+            lo, hi = s_lo, full_lo
+        elif phase == 1:
+            lo, hi = full_lo, full_hi
+        else:
+            lo, hi = full_hi, s_hi
+        page = page_ids(BT_ROW, lo, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE)
+        for start in range(lo, hi, BLOCK_N):
+            page_next = page_ids(BT_ROW, start + BLOCK_N, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE)
+            acc, l_i, m_i = key_tile(
+                acc, l_i, m_i, q, start, page, K_BASE, V_BASE, num_pages, page_size,
+                stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
+                kv_lo, kv_hi_cache, rel_row, slope, qk_scale, softcap_log2, window_left, window_right,
+                HEAD_DIM, HEAD_DIM_P2, BLOCK_N, phase != 1, TILE_IN_PAGE, GATHER_PAGE,
+                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32,
+            )
+            page = page_next
 
     if APPEND:
         if split == num_splits - 1:  # the new keys, as one more (masked) key tile
             j = tl.arange(0, APPEND_ROWS)
-            new_rows = n0 + j
-            new_slots = old_end + j
-            valid = (j < new_len) & (new_rows >= 0) & (new_rows < total_new)
-            _, ok_r = new_slot_pages(BT_ROW, new_slots, valid, num_pages, max_pages, page_size)
+            new_rows, new_slots, _, ok_r = locate_new_rows(
+                BT_ROW, n0, new_len, old_end, j, total_new, num_pages, max_pages, page_size,
+            )
             k_r, v_r = load_new_rows(
                 K_NEW, V_NEW, new_rows, ok_r, rbase + j, hk, COS, SIN, stride_cos, seqlen_ro,
                 stride_knt, stride_knh, stride_knd, stride_vnt, stride_vnh, stride_vnd,

@@ -1,8 +1,8 @@
 """The model's non-attention building blocks: RMSNorm (with fused residual add) and SiLU-and-mul.
 
 CUDA tensors (and CPU tensors under ``FLASHDECODE_BACKEND=triton`` with the Triton interpreter)
-take the Triton kernels in `kernels/`; other CPU tensors take the PyTorch code below, which is
-also what the kernels are tested against. Both round like Hugging Face's Llama layers.
+take the Triton kernels in `kernels/`; other CPU tensors take the PyTorch code below. Both round
+like Hugging Face's Llama layers; tests check both against a float64 oracle.
 """
 
 from __future__ import annotations

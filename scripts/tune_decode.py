@@ -12,10 +12,14 @@ see heuristics.gather_page), and a summary gives each mode's time at the heurist
 its best, next to the contiguous cache. ``--heuristic-only`` times only the heuristic's config (a
 quick A/B of the modes). ``--combine-variants`` then times every shape at the heuristic's config
 with the split results merged by the combine kernel and by the last split itself
-(``FLASHDECODE_FUSED_COMBINE=0/1``), contiguous and paged.
+(``FLASHDECODE_FUSED_COMBINE=0/1``), contiguous and paged. ``--engine-variants`` times the op
+as the engine's decode step calls it (paged 16, 2048-slot table, 640 keys, one new key appended
+with rotary, causal) for split counts 1-8 and the heuristic's, with the append fused or not
+(``FLASHDECODE_FUSED_APPEND``) and the splits merged by the kernel or the last split; add
+``--engine-only`` to skip the tile sweep.
 
 Usage: python scripts/tune_decode.py [--quick] [--paged-variants] [--heuristic-only] [--combine-variants]
-       [--out sweep.json]
+       [--engine-variants [--engine-only]] [--out sweep.json]
 """
 
 from __future__ import annotations
@@ -100,7 +104,15 @@ def main() -> int:
     ap.add_argument("--heuristic-only", action="store_true", help="time only the heuristic's tile config and splits")
     ap.add_argument("--combine-variants", action="store_true",
                     help="also time each shape with FLASHDECODE_FUSED_COMBINE=0 and =1 (heuristic config)")
+    ap.add_argument("--engine-variants", action="store_true",
+                    help="time the engine's decode call for split counts x fused append x fused combine")
+    ap.add_argument("--engine-only", action="store_true", help="only the --engine-variants table")
     args = ap.parse_args()
+    if args.engine_only:
+        rows = engine_variants()
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=1))
+        return 0
     original = heuristics.choose_tiles
     sms = launch.num_sms(torch.device("cuda"))
     results = []
@@ -141,6 +153,8 @@ def main() -> int:
                   f"page/row {g[0] / r[0]:.3f}", flush=True)
     if args.combine_variants:
         results.extend(combine_variants())
+    if args.engine_variants:
+        results.extend(engine_variants())
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0
@@ -170,6 +184,55 @@ def combine_variants() -> list[dict]:
             os.environ.pop(launch.FUSED_COMBINE_ENV, None)
         else:
             os.environ[launch.FUSED_COMBINE_ENV] = before
+    return rows
+
+
+ENGINE_SHAPES = [(1, 9, 3, 64), (32, 9, 3, 64), (1, 32, 8, 128)]  # B, Hq, Hk, D of the e2e models
+
+
+def engine_inputs(b, hq, hk, d, keys=640, capacity=2048, page=16):
+    """One decode step as the engine calls the op: a shuffled page pool, rotary tables, one new key."""
+    dev, dt = "cuda", torch.bfloat16
+    pages_per_seq = capacity // page
+    n = b * pages_per_seq + 1
+    k_cache = torch.randn(n, page, hk, d, device=dev, dtype=dt)
+    v_cache = torch.randn_like(k_cache)
+    table = torch.randperm(n - 1, device=dev).to(torch.int32).reshape(b, pages_per_seq)
+    angles = torch.arange(capacity, device=dev)[:, None] * (1e-4 ** (torch.arange(d // 2, device=dev) / (d // 2)))
+    return dict(q=torch.randn(b, 1, hq, d, device=dev, dtype=dt), k_cache=k_cache, v_cache=v_cache,
+                k=torch.randn(b, 1, hk, d, device=dev, dtype=dt), v=torch.randn(b, 1, hk, d, device=dev, dtype=dt),
+                rotary_cos=angles.cos().to(dt), rotary_sin=angles.sin().to(dt),
+                cache_seqlens=torch.full((b,), keys, dtype=torch.int32, device=dev), block_table=table,
+                causal=True, rotary_interleaved=False)
+
+
+def engine_variants() -> list[dict]:
+    """The engine's decode call: split counts x fused append x fused combine, us per call."""
+    print("\nengine decode call (paged 16, 2048-slot table, 640 keys + 1 appended, rotary), us", flush=True)
+    env = {name: os.environ.get(name) for name in (launch.FUSED_APPEND_ENV, launch.FUSED_COMBINE_ENV)}
+    rows = []
+    try:
+        for b, hq, hk, d in ENGINE_SHAPES:
+            inputs = engine_inputs(b, hq, hk, d)
+            line = []
+            for splits in (0, 1, 2, 4, 8):
+                for fa, fc in (("0", "0"), ("1", "0"), ("1", "1")):
+                    if splits == 1 and fc == "1":
+                        continue
+                    os.environ[launch.FUSED_APPEND_ENV], os.environ[launch.FUSED_COMBINE_ENV] = fa, fc
+                    us = time_graph(lambda: flash_attn_with_kvcache(**inputs, num_splits=splits))
+                    rows.append(dict(engine_shape=[b, hq, hk, d], splits=splits, fused_append=fa == "1",
+                                     fused_combine=fc == "1", us=us))
+                    line.append(f"s{splits or 'H'}/a{fa}c{fc} {us:5.1f}")
+            print(f"B={b} {hq}/{hk} D={d}: " + " | ".join(line), flush=True)
+            inputs = None
+            torch.cuda.empty_cache()
+    finally:
+        for name, value in env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return rows
 
 

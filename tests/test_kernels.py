@@ -373,6 +373,30 @@ def test_paged_gather_env_override_is_read_at_each_call(device, monkeypatch):
 
 
 @pytest.mark.interpreter
+def test_fused_append_env_switches_to_the_append_kernel(device, monkeypatch):
+    """``FLASHDECODE_FUSED_APPEND=0`` appends with the separate kernel (the attention kernel gets
+    APPEND=False); both paths match the brute force and leave the same cache."""
+    launch = _launch()
+    spy = _KernelSpy(launch.attention_split_kernel)
+    monkeypatch.setattr(launch, "attention_split_kernel", spy)
+    spec = SPECS[0]
+    p = build(spec, device, seed=11)
+    want_out, want_lse, want_k, want_v = brute_force(p)
+    got = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FLASHDECODE_FUSED_APPEND", flag)
+        out, lse, kc, vc = run_triton(p, 2)
+        assert spy.calls[-1]["APPEND"] is (flag == "1")
+        assert_close_attention(out, lse, want_out, want_lse, spec.dtype, f"fused append={flag}")
+        assert torch.equal(vc.cpu().double(), want_v)
+        got[flag] = kc
+    assert torch.equal(got["0"], got["1"]), "the two append paths wrote different keys"
+    monkeypatch.setenv("FLASHDECODE_FUSED_APPEND", "maybe")
+    with pytest.raises(ValueError, match="FLASHDECODE_FUSED_APPEND"):
+        run_triton(p, 1)
+
+
+@pytest.mark.interpreter
 def test_no_write_and_no_read_outside_the_pool_with_bad_lengths(device):
     """During CUDA-graph capture the host checks are skipped: bad lengths and block-table entries
     must neither write outside the pages nor read pages outside the pool."""

@@ -35,6 +35,7 @@ from flashdecode.attention.problem import PackedProblem
 LOG2E = math.log2(math.e)
 PAGED_GATHER_ENV = "FLASHDECODE_PAGED_GATHER"
 FUSED_COMBINE_ENV = "FLASHDECODE_FUSED_COMBINE"
+FUSED_APPEND_ENV = "FLASHDECODE_FUSED_APPEND"
 # New keys per program of the append kernel.
 APPEND_BLOCK_T = 16
 # Up to this many new keys per sequence, the attention kernel appends them itself (no append kernel).
@@ -75,13 +76,23 @@ def tile_in_page(page_size: int, block_n: int, k_pages: torch.Tensor, v_pages: t
     return page_size % block_n == 0 and widest < 2**31
 
 
+def _env_flag(name: str, default: str) -> bool:
+    value = os.environ.get(name, default).strip().lower()
+    if value not in ("0", "1", "off", "on"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value in ("1", "on")
+
+
 def fused_combine_enabled() -> bool:
     """``FLASHDECODE_FUSED_COMBINE`` (read on every call): ``1`` lets the last split of each query
     tile merge the splits itself instead of a combine kernel. Off by default until timed on a GPU."""
-    value = os.environ.get(FUSED_COMBINE_ENV, "0").strip().lower()
-    if value not in ("0", "1", "off", "on"):
-        raise ValueError(f"{FUSED_COMBINE_ENV} must be 0 or 1, got {value!r}")
-    return value in ("1", "on")
+    return _env_flag(FUSED_COMBINE_ENV, "0")
+
+
+def fused_append_enabled() -> bool:
+    """``FLASHDECODE_FUSED_APPEND`` (read on every call): ``0`` runs the append kernel before the
+    attention kernel even for a few new keys per sequence (an A/B knob; default ``1``)."""
+    return _env_flag(FUSED_APPEND_ENV, "1")
 
 
 def paged_gather_mode() -> str | None:
@@ -130,7 +141,7 @@ def fuse_append(p: PackedProblem) -> bool:
     """Whether the attention kernel appends ``p``'s new keys itself: a few per sequence (decode,
     speculative verification) and at least one query row (else no attention program runs)."""
     return p.k_new is not None and p.v_new is not None and p.k_new.shape[0] > 0 \
-        and 0 < p.max_seqlen_k_new <= FUSED_APPEND_ROWS and p.q.shape[0] > 0
+        and 0 < p.max_seqlen_k_new <= FUSED_APPEND_ROWS and p.q.shape[0] > 0 and fused_append_enabled()
 
 
 def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bool = False) -> None:

@@ -1,4 +1,5 @@
-"""The model's fused layers (RMSNorm + residual add, SiLU-and-mul) against a float64 oracle.
+"""The model's fused layers (RMSNorm + residual add, SiLU-and-mul, and the projections with the
+norm or the activation fused in) against a float64 oracle.
 
 The oracle follows Hugging Face's Llama layers with each rounding written out; it shares no code
 with `flashdecode.models.layers`. Both paths are checked: PyTorch ("reference") and the Triton
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 from conftest import BACKEND_PARAMS, set_backend
-from flashdecode.models.layers import rms_norm, silu_and_mul
+from flashdecode.models import layers
+from flashdecode.models.layers import linear, norm_linear, rms_norm, silu_and_mul, silu_mul_linear
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # one unit in the last place, relative, of each dtype
@@ -109,3 +111,109 @@ def test_tiny_model_on_the_triton_path_matches_transformers(tmp_path, monkeypatc
     set_backend(monkeypatch, "triton")
     ours, _, _ = prefill_logits(model, [IDS])
     torch.testing.assert_close(ours, hf_logits(hf, IDS), atol=2e-4, rtol=2e-4)
+
+
+# ---- projections (single rows take the fused GEMV kernel on the Triton path) --------------------
+
+PROJECTIONS = ["linear", "norm", "add-norm", "silu-mul"]
+
+
+def oracle_projection(kind, x, residual, norm_weight, weight, bias, eps):
+    """``(y, f, new residual)`` in float64: ``f`` the projection's input rounded to x's dtype as
+    the unfused layers round it, ``y = f @ weight.T + bias`` exactly."""
+    dtype = x.dtype
+    new_residual = None
+    if kind == "linear":
+        f = x.double()
+    elif kind == "silu-mul":
+        f = oracle_silu_and_mul(x).to(dtype).double()
+    else:
+        normed, new_residual = oracle_rms_norm(x, norm_weight, eps, residual if kind == "add-norm" else None)
+        f = normed.to(dtype).double()
+    y = f @ weight.double().T
+    if bias is not None:
+        y = y + bias.double()
+    return y, f, new_residual
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", PROJECTIONS)
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("n, k, with_bias", [(40, 576, False), (130, 1100, True)], ids=["40x576", "130x1100-bias"])
+def test_projections_match_oracle(path, device, dtype, kind, rows, n, k, with_bias, monkeypatch):
+    g = torch.Generator().manual_seed(n + k + rows + 13 * PROJECTIONS.index(kind))
+    width = 2 * k if kind == "silu-mul" else k
+    x = (torch.randn(rows, width, generator=g) * 2).to(device=device, dtype=dtype)
+    residual = torch.randn(rows, k, generator=g).to(device=device, dtype=dtype)
+    norm_weight = (1 + 0.5 * torch.randn(k, generator=g)).to(device=device, dtype=dtype)
+    weight = (torch.randn(n, k, generator=g) / k**0.5).to(device=device, dtype=dtype)
+    bias = torch.randn(n, generator=g).to(device=device, dtype=dtype) if with_bias else None
+    before = x.clone(), residual.clone()
+    new_residual = None
+    if kind == "linear":
+        y = linear(x, weight, bias)
+    elif kind == "silu-mul":
+        y = silu_mul_linear(x, weight, bias)
+    else:
+        y, new_residual = norm_linear(x, residual if kind == "add-norm" else None, norm_weight, 1e-5, weight, bias)
+    want, f, want_residual = oracle_projection(kind, x.cpu(), residual.cpu(), norm_weight.cpu(), weight.cpu(),
+                                               None if bias is None else bias.cpu(), 1e-5)
+    assert y.shape == (rows, n) and y.dtype == dtype
+    # output rounding + float32 accumulation over k + a few one-unit flips in the rounded input
+    mass = f.abs() @ weight.cpu().double().abs().T
+    bound = ULP[dtype] * want.abs() + k * 2.0**-24 * mass + 2 * ULP[dtype] * (f.abs().max() * weight.cpu().double().abs().max())
+    if dtype == torch.float32:
+        bound = bound + 8 * ULP[dtype] * mass
+    err = (y.cpu().double() - want).abs()
+    assert bool((err <= bound).all()), f"max error {err.max().item():.3g}, worst {(err / bound).max().item():.2f} x bound"
+    if kind == "add-norm":
+        torch.testing.assert_close(new_residual.cpu(), want_residual, atol=0, rtol=ULP[dtype])
+    else:
+        assert new_residual is None
+    assert torch.equal(x, before[0]) and torch.equal(residual, before[1]), "inputs modified"
+    if path == "triton":  # a single row takes the fused kernel, unless FLASHDECODE_GEMV=0
+        assert layers._takes_gemv(x, weight) == (rows == 1)
+        monkeypatch.setenv("FLASHDECODE_GEMV", "0")
+        assert not layers._takes_gemv(x, weight)
+
+
+def test_projection_arguments_are_checked(path, device, monkeypatch):
+    x = torch.randn(1, 10, device=device)
+    with pytest.raises(ValueError, match="gate_up"):
+        silu_mul_linear(x, torch.randn(4, 4, device=device))  # 10 != 2 * 4
+    monkeypatch.setenv("FLASHDECODE_GEMV", "sometimes")
+    if path == "triton":
+        with pytest.raises(ValueError, match="FLASHDECODE_GEMV"):
+            linear(x, torch.randn(3, 10, device=device))
+
+
+@pytest.mark.parametrize("n, k", [(960, 576), (576, 1536), (49152, 576), (6144, 4096), (28672, 4096), (4096, 14336)])
+def test_gemv_config_covers_the_reduction_and_fills_the_card(n, k):
+    cfg = layers.gemv_config(n, k)
+    tiles = -(-k // cfg.block_k)
+    assert tiles * cfg.block_k >= k > (tiles - 1) * cfg.block_k
+    assert cfg.block_k <= layers.GEMV_MAX_BLOCK_K and cfg.block_n <= layers.GEMV_MAX_BLOCK_N
+    assert -(-n // cfg.block_n) >= min(layers.GEMV_MIN_PROGRAMS, -(-n // 2))
+
+
+@pytest.mark.interpreter
+def test_tiny_model_decode_steps_on_the_triton_path_match_transformers(tmp_path, monkeypatch):
+    """One-token steps (the fused single-row projections) give transformers' logits."""
+    from flashdecode.models import AttentionMetadata
+    from flashdecode.models import load_model
+    from test_models_safetensors import IDS, hf_logits, make_tiny_model_dir, prefill_logits
+
+    hf = make_tiny_model_dir(str(tmp_path))
+    model = load_model(str(tmp_path), tokenizer=False).model
+    if torch.cuda.is_available() and not str(model.device).startswith("cpu"):
+        pytest.skip("checked on CPU tensors through the interpreter")
+    set_backend(monkeypatch, "triton")
+    want = hf_logits(hf, IDS)
+    first, pool, tables = prefill_logits(model, [IDS[:6]], page_size=4, slack=len(IDS))
+    steps = []
+    for t in range(6, 10):
+        meta = AttentionMetadata(cache_seqlens=torch.tensor([t], dtype=torch.int32),
+                                 block_table=torch.tensor(tables, dtype=torch.int32))
+        with torch.inference_mode():
+            steps.append(model(torch.tensor([IDS[t]]), meta, pool)[0])
+    torch.testing.assert_close(torch.stack(steps), want[6:10], atol=2e-4, rtol=2e-4)

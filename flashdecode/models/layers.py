@@ -1,11 +1,20 @@
-"""The model's non-attention building blocks: RMSNorm (with fused residual add) and SiLU-and-mul.
+"""The model's non-attention building blocks: RMSNorm (with fused residual add), SiLU-and-mul,
+and the projections that follow them.
 
 CUDA tensors (and CPU tensors under ``FLASHDECODE_BACKEND=triton`` with the Triton interpreter)
 take the Triton kernels in `kernels/`; other CPU tensors take the PyTorch code below. Both round
 like Hugging Face's Llama layers; tests check both against a float64 oracle.
+
+A single row (batch-1 decode) goes through `gemv_kernel`, which runs the norm or the activation
+before a projection inside the projection (``norm_linear``, ``silu_mul_linear``); more rows take
+the norm/activation kernel and then cuBLAS. ``FLASHDECODE_GEMV=0`` sends single rows the second
+way too (an A/B knob, read at every call).
 """
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -13,9 +22,22 @@ import triton
 
 from flashdecode.attention.interface import selected_backend
 from flashdecode.models.kernels.activation import silu_and_mul_kernel
+from flashdecode.models.kernels.gemv import (
+    PROLOGUE_ADD_NORM,
+    PROLOGUE_NONE,
+    PROLOGUE_NORM,
+    PROLOGUE_SILU_MUL,
+    gemv_kernel,
+)
 from flashdecode.models.kernels.norm import rms_norm_kernel
 
 ACTIVATION_BLOCK = 1024
+GEMV_ENV = "FLASHDECODE_GEMV"
+# Aim for at least this many GEMV programs (two per SM on an H100/H200), so even a small matrix
+# spreads over the whole card.
+GEMV_MIN_PROGRAMS = 264
+GEMV_MAX_BLOCK_K = 1024
+GEMV_MAX_BLOCK_N = 8
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -81,3 +103,84 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
             g2, out, intermediate, g2.stride(0), out.stride(0), BLOCK=block, num_warps=4,
         )
     return out.view(*lead, intermediate)
+
+
+# ---- projections -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int
+    block_k: int
+    num_warps: int
+
+
+def gemv_config(n: int, k: int) -> GemvConfig:
+    """Tile of `gemv_kernel` for an ``(n, k)`` weight: the reduction in tiles of up to 1024, and
+    as many output rows per program as still leaves ``GEMV_MIN_PROGRAMS`` programs."""
+    block_k = min(GEMV_MAX_BLOCK_K, triton.next_power_of_2(max(1, k)))
+    block_n = 2
+    while block_n < GEMV_MAX_BLOCK_N and triton.cdiv(n, 2 * block_n) >= GEMV_MIN_PROGRAMS:
+        block_n *= 2
+    return GemvConfig(block_n=block_n, block_k=block_k, num_warps=4 if block_n * block_k <= 4096 else 8)
+
+
+def gemv_enabled() -> bool:
+    """``FLASHDECODE_GEMV`` (read on every call): ``1`` (default) or ``0``."""
+    value = os.environ.get(GEMV_ENV, "1").strip().lower()
+    if value not in ("0", "1", "on", "off"):
+        raise ValueError(f"{GEMV_ENV} must be 0 or 1, got {value!r}")
+    return value in ("1", "on")
+
+
+def _takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.shape[0] == 1 and x.dtype == weight.dtype and weight.stride(-1) == 1
+            and selected_backend(x.device) == "triton" and gemv_enabled())
+
+
+def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prologue: int,
+          residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+          residual_out: torch.Tensor | None = None) -> torch.Tensor:
+    n, k = weight.shape
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    cfg = gemv_config(n, k)
+    gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
+        weight, bias if bias is not None else weight, y, residual_out if residual_out is not None else y,
+        n, k, float(eps), weight.stride(0),
+        PROLOGUE=prologue, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        K_TILES=triton.cdiv(k, cfg.block_k), num_warps=cfg.num_warps,
+    )
+    return y
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` for ``x`` ``(T, K)``."""
+    if not _takes_gemv(x, weight):
+        return F.linear(x, weight, bias)
+    return _gemv(_rows(x), weight, bias, PROLOGUE_NONE)
+
+
+def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(linear(rms_norm(x + residual)), x + residual)``; without ``residual``,
+    ``(linear(rms_norm(x)), None)``. ``x`` is ``(T, hidden)``."""
+    if not _takes_gemv(x, weight):
+        h, residual = rms_norm(x, norm_weight, eps, residual)
+        return F.linear(h, weight, bias), residual
+    x = _rows(x)
+    if residual is None:
+        return _gemv(x, weight, bias, PROLOGUE_NORM, norm_weight=norm_weight, eps=eps), None
+    r = _rows(residual)
+    r_out = torch.empty_like(x)
+    y = _gemv(x, weight, bias, PROLOGUE_ADD_NORM, residual=r, norm_weight=norm_weight, eps=eps, residual_out=r_out)
+    return y, r_out
+
+
+def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear(silu(gate) * up)`` for ``gate_up = [gate | up]`` ``(T, 2 * intermediate)``."""
+    if gate_up.shape[-1] != 2 * weight.shape[1]:
+        raise ValueError(f"gate_up has {gate_up.shape[-1]} columns; the weight takes {weight.shape[1]} inputs")
+    if not _takes_gemv(gate_up, weight):
+        return F.linear(silu_and_mul(gate_up), weight, bias)
+    return _gemv(_rows(gate_up), weight, bias, PROLOGUE_SILU_MUL)

@@ -17,7 +17,7 @@ from torch import nn
 from flashdecode.attention import flash_attn_with_kvcache
 from flashdecode.cache import PagedKVPool
 from flashdecode.models.config import LlamaConfig
-from flashdecode.models.layers import rms_norm, silu_and_mul
+from flashdecode.models.layers import linear, norm_linear, rms_norm, silu_mul_linear
 from flashdecode.models.metadata import AttentionMetadata
 from flashdecode.models.rope import rotary_tables
 
@@ -48,10 +48,12 @@ class Attention(nn.Module):
         # HF's sliding window W lets query i see keys i - W + 1 .. i.
         self.window_size = (window - 1, 0) if window else (-1, -1)
 
-    def forward(self, x: torch.Tensor, meta: AttentionMetadata, kv: PagedKVPool,
+    def forward(self, qkv: torch.Tensor, meta: AttentionMetadata, kv: PagedKVPool,
                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        """``qkv`` is ``qkv_proj``'s output (the layer runs it, fused with the norm before it);
+        returns ``o_proj``'s."""
+        tokens = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(tokens, self.num_heads, self.head_dim)
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
@@ -68,18 +70,17 @@ class Attention(nn.Module):
             out = flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cu_seqlens_q=meta.cu_seqlens_q,
                                           max_seqlen_q=meta.max_seqlen_q, cu_seqlens_k_new=meta.cu_seqlens_q,
                                           **common)
-        return self.o_proj(out.reshape(tokens, self.q_size))
+        return linear(out.reshape(tokens, self.q_size), self.o_proj.weight, self.o_proj.bias)
 
 
 class MLP(nn.Module):
+    """The MLP's weights; the decoder layer runs them, fused with the norm and the activation."""
+
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.intermediate = config.intermediate_size
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -94,11 +95,15 @@ class DecoderLayer(nn.Module):
                 cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Residual stream carried separately: returns ``(block output, residual)``, whose sum is the
         layer's output; the add is fused into the next norm."""
-        h, residual = self.input_layernorm(x, residual)
+        attn, mlp = self.self_attn, self.mlp
+        qkv, residual = norm_linear(x, residual, self.input_layernorm.weight, self.input_layernorm.eps,
+                                    attn.qkv_proj.weight, attn.qkv_proj.bias)
         if residual is None:
             residual = x
-        h, residual = self.post_attention_layernorm(self.self_attn(h, meta, kv, cos, sin), residual)
-        return self.mlp(h), residual
+        norm = self.post_attention_layernorm
+        gate_up, residual = norm_linear(attn(qkv, meta, kv, cos, sin), residual, norm.weight, norm.eps,
+                                        mlp.gate_up_proj.weight)
+        return silu_mul_linear(gate_up, mlp.down_proj.weight), residual
 
 
 class DecoderModel(nn.Module):
@@ -150,7 +155,7 @@ class LlamaForCausalLM(nn.Module):
         if meta.logits_indices is not None:
             x = x.index_select(0, meta.logits_indices)
             residual = residual.index_select(0, meta.logits_indices)
-        return self.lm_head(self.model.norm(x, residual)[0])
+        return norm_linear(x, residual, self.model.norm.weight, self.model.norm.eps, self.lm_head.weight)[0]
 
     # ------------------------------------------------------------------ weights
     def load_hf_weights(self, weights: Iterable[tuple[str, torch.Tensor]], *, device: torch.device | str,

@@ -193,7 +193,7 @@ def test_gemv_config_covers_the_reduction_and_fills_the_card(n, k):
     tiles = -(-k // cfg.block_k)
     assert tiles * cfg.block_k >= k > (tiles - 1) * cfg.block_k
     assert cfg.block_k <= layers.GEMV_MAX_BLOCK_K and cfg.block_n <= layers.GEMV_MAX_BLOCK_N
-    assert -(-n // cfg.block_n) >= min(layers.GEMV_MIN_PROGRAMS, -(-n // 2))
+    assert -(-n // cfg.block_n) >= 36  # at least a quarter of the SMs of a large card busy
 
 
 @pytest.mark.interpreter

@@ -17,6 +17,11 @@ Layout: each program owns ``BLOCK_N`` output features and walks the reduction in
 statically unrolled tiles of ``BLOCK_K``: the weight loads of all tiles are independent of each
 other and of the prologue, so they can all be in flight at once (a loop would wait for each).
 Every program needs the whole input vector; it is small and read from L2.
+
+With ``USE_PDL`` (launched with programmatic dependent launch, Hopper and later) a program loads
+its first weight tile before waiting for the previous kernel (``gdc_wait``): weights are never
+written by the step, so reading them early is safe, and it overlaps this kernel's start with the
+previous kernel's tail. Everything else (input, residual, every store) comes after the wait.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ def gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     K_TILES: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Grid ``(cdiv(N, BLOCK_N),)``. ``X``, ``RESIDUAL``, ``NORM_W``, ``Y``, ``RESIDUAL_OUT``
     contiguous vectors (``X`` holds ``2K`` values for the SiLU prologue); ``W`` ``(N, K)`` with
@@ -79,6 +85,11 @@ def gemv_kernel(
     n_mask = n < N
     rows = W + n.to(tl.int64)[:, None] * stride_wn
     dtype = X.dtype.element_ty
+    k0 = tl.arange(0, BLOCK_K)
+    w_first = tl.load(rows + k0[None, :], mask=n_mask[:, None] & (k0 < K)[None, :], other=0.0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
     rstd = 0.0
     if PROLOGUE == 1 or PROLOGUE == 2:
@@ -100,7 +111,10 @@ def gemv_kernel(
     for t in tl.static_range(K_TILES):
         k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = k < K
-        w = tl.load(rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        if t == 0:
+            w = w_first
+        else:
+            w = tl.load(rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         x = _input_tile(X, RESIDUAL, NORM_W, k, k_mask, K, rstd, PROLOGUE)
         acc += w.to(tl.float32) * x[None, :]
     y = tl.sum(acc, axis=1)

@@ -34,6 +34,10 @@ from flashdecode.models.kernels.norm import rms_norm_kernel
 ACTIVATION_BLOCK = 1024
 GEMV_ENV = "FLASHDECODE_GEMV"
 PDL_ENV = "FLASHDECODE_PDL"
+# Above this many weights a projection is bound by bandwidth, and end to end cuBLAS was faster: on
+# an H200 (2026-11-28) the Llama-3-8B shape decoded 184-191 tok/s with every projection on the
+# GEMV and 206 without, although the GEMV alone timed faster. So only smaller weights take it.
+GEMV_MAX_WEIGHTS = 2**24
 GEMV_MAX_BLOCK_K = 2048
 GEMV_MAX_BLOCK_N = 16
 
@@ -147,7 +151,7 @@ def pdl_enabled(device: torch.device) -> bool:
 
 
 def _takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.shape[0] == 1 and x.dtype == weight.dtype and weight.stride(-1) == 1
+    return (x.shape[0] == 1 and x.dtype == weight.dtype and weight.stride(-1) == 1 and weight.numel() < GEMV_MAX_WEIGHTS
             and selected_backend(x.device) == "triton" and gemv_enabled())
 
 

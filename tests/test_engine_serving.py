@@ -110,7 +110,7 @@ def test_request_that_cannot_fit_alone_is_refused_up_front(model_dir):
     assert len(tiny.generate("w1 w2", GREEDY)[0].token_ids) == 10  # 12 tokens = 3 pages: fits
 
 
-def test_engine_skips_the_ops_value_checks_and_keeps_table_width_bucketed(model_dir, expected, monkeypatch):
+def test_engine_skips_the_ops_value_checks_and_keeps_table_width_bucketed(model_dir, monkeypatch):
     """The engine builds valid metadata itself, so every op call passes check_values=False (no host
     sync per layer); eager steps' block tables only take power-of-two widths (no recompiles as
     sequences grow; graphs, off here, use one fixed width)."""
@@ -123,9 +123,15 @@ def test_engine_skips_the_ops_value_checks_and_keeps_table_width_bucketed(model_
         calls.append((kwargs.get("check_values"), kwargs["block_table"].shape[1], "cu_seqlens_q" in kwargs))
         return real(*args, **kwargs)
 
+    # float32, each prompt alone as the reference: on a GPU, bf16 steps of different batch sizes
+    # (one-row GEMV vs cuBLAS tiles) may round a near tie differently.
+    alone = LLM(model_dir, dtype="float32", page_size=4, num_kv_blocks=256, enable_prefix_caching=False, seed=0,
+                cuda_graphs=False)
+    want = [alone.generate(p, GREEDY)[0].token_ids for p in PROMPTS]
     monkeypatch.setattr(llama, "flash_attn_with_kvcache", spy)
-    llm = LLM(model_dir, page_size=4, num_kv_blocks=256, max_num_batched_tokens=9, seed=0, cuda_graphs=False)
-    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected
+    llm = LLM(model_dir, dtype="float32", page_size=4, num_kv_blocks=256, max_num_batched_tokens=9, seed=0,
+              cuda_graphs=False)
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
     assert calls and all(c[0] is False for c in calls)
     assert {c[1] for c in calls} <= {1, 2, 4, 8, 16} and any(c[2] for c in calls) and any(not c[2] for c in calls)
 

@@ -217,3 +217,13 @@ def test_tiny_model_decode_steps_on_the_triton_path_match_transformers(tmp_path,
         with torch.inference_mode():
             steps.append(model(torch.tensor([IDS[t]]), meta, pool)[0])
     torch.testing.assert_close(torch.stack(steps), want[6:10], atol=2e-4, rtol=2e-4)
+
+
+def test_pdl_is_only_for_cuda_and_its_switch_is_checked(monkeypatch):
+    monkeypatch.delenv("FLASHDECODE_PDL", raising=False)
+    assert not layers.pdl_enabled(torch.device("cpu"))  # default on, but never for CPU tensors
+    monkeypatch.setenv("FLASHDECODE_PDL", "0")
+    assert not layers.pdl_enabled(torch.device("cpu"))
+    monkeypatch.setenv("FLASHDECODE_PDL", "yes")
+    with pytest.raises(ValueError, match="FLASHDECODE_PDL"):
+        layers.pdl_enabled(torch.device("cpu"))

@@ -10,15 +10,12 @@ With ``--paged-variants`` every paged shape is timed under both gather modes of 
 (``FLASHDECODE_PAGED_GATHER=row``: one block-table lookup per key slot; ``page``: one per page,
 see heuristics.gather_page), and a summary gives each mode's time at the heuristic's config and
 its best, next to the contiguous cache. ``--heuristic-only`` times only the heuristic's config (a
-quick A/B of the modes). ``--combine-variants`` then times every shape at the heuristic's config
-with the split results merged by the combine kernel and by the last split itself
-(``FLASHDECODE_FUSED_COMBINE=0/1``), contiguous and paged. ``--engine-variants`` times the op
-as the engine's decode step calls it (paged 16, 2048-slot table, 640 keys, one new key appended
-with rotary, causal) for split counts 1-8 and the heuristic's, with the append fused or not
-(``FLASHDECODE_FUSED_APPEND``) and the splits merged by the kernel or the last split; add
-``--engine-only`` to skip the tile sweep.
+quick A/B of the modes). ``--engine-variants`` times the op as the engine's decode step calls it
+(paged 16, 2048-slot table, 640 keys, one new key appended with rotary, causal) for split counts
+1-8 and the heuristic's, with the append fused into the attention kernel or not
+(``FLASHDECODE_FUSED_APPEND``); add ``--engine-only`` to skip the tile sweep.
 
-Usage: python scripts/tune_decode.py [--quick] [--paged-variants] [--heuristic-only] [--combine-variants]
+Usage: python scripts/tune_decode.py [--quick] [--paged-variants] [--heuristic-only]
        [--engine-variants [--engine-only]] [--out sweep.json]
 """
 
@@ -102,10 +99,8 @@ def main() -> int:
     ap.add_argument("--paged-variants", action="store_true",
                     help="time paged shapes under both FLASHDECODE_PAGED_GATHER modes (row, page)")
     ap.add_argument("--heuristic-only", action="store_true", help="time only the heuristic's tile config and splits")
-    ap.add_argument("--combine-variants", action="store_true",
-                    help="also time each shape with FLASHDECODE_FUSED_COMBINE=0 and =1 (heuristic config)")
     ap.add_argument("--engine-variants", action="store_true",
-                    help="time the engine's decode call for split counts x fused append x fused combine")
+                    help="time the engine's decode call for split counts x fused append")
     ap.add_argument("--engine-only", action="store_true", help="only the --engine-variants table")
     args = ap.parse_args()
     if args.engine_only:
@@ -151,40 +146,11 @@ def main() -> int:
             print(f"{','.join(map(str, shape))}: contig {c[0]:7.1f} ({c[1]:.1f}) | row {r[0]:7.1f} ({r[1]:.1f}) "
                   f"ratio {r[0] / c[0]:.2f} | page {g[0]:7.1f} ({g[1]:.1f}) ratio {g[0] / c[0]:.2f} | "
                   f"page/row {g[0] / r[0]:.3f}", flush=True)
-    if args.combine_variants:
-        results.extend(combine_variants())
     if args.engine_variants:
         results.extend(engine_variants())
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0
-
-
-def combine_variants() -> list[dict]:
-    """Heuristic config of every shape, splits merged by the combine kernel vs by the last split."""
-    print("\nsplit merge: combine kernel vs fused into the attention kernel (heuristic config), us", flush=True)
-    before = os.environ.get(launch.FUSED_COMBINE_ENV)
-    rows = []
-    try:
-        for (b, l, hq, hk, d), paged in itertools.product(SHAPES, (False, True)):
-            inputs = make_inputs(b, l, hq, hk, d, paged)
-            times = {}
-            for mode in ("0", "1"):
-                os.environ[launch.FUSED_COMBINE_ENV] = mode
-                times[mode] = time_graph(lambda: flash_attn_with_kvcache(**inputs))
-            layout = "paged16" if paged else "contig"
-            rows.append(dict(shape=[b, l, hq, hk, d], layout=layout, combine_kernel_us=times["0"],
-                             fused_combine_us=times["1"]))
-            print(f"{b},{l},{hq}/{hk},{d} {layout:8s}: combine kernel {times['0']:7.1f} | fused {times['1']:7.1f} "
-                  f"| fused/kernel {times['1'] / times['0']:.3f}", flush=True)
-            inputs = None  # free before the next shape
-            torch.cuda.empty_cache()
-    finally:
-        if before is None:
-            os.environ.pop(launch.FUSED_COMBINE_ENV, None)
-        else:
-            os.environ[launch.FUSED_COMBINE_ENV] = before
-    return rows
 
 
 ENGINE_SHAPES = [(1, 9, 3, 64), (32, 9, 3, 64), (1, 32, 8, 128)]  # B, Hq, Hk, D of the e2e models
@@ -207,32 +173,28 @@ def engine_inputs(b, hq, hk, d, keys=640, capacity=2048, page=16):
 
 
 def engine_variants() -> list[dict]:
-    """The engine's decode call: split counts x fused append x fused combine, us per call."""
+    """The engine's decode call: split counts x fused append, us per call."""
     print("\nengine decode call (paged 16, 2048-slot table, 640 keys + 1 appended, rotary), us", flush=True)
-    env = {name: os.environ.get(name) for name in (launch.FUSED_APPEND_ENV, launch.FUSED_COMBINE_ENV)}
+    before = os.environ.get(launch.FUSED_APPEND_ENV)
     rows = []
     try:
         for b, hq, hk, d in ENGINE_SHAPES:
             inputs = engine_inputs(b, hq, hk, d)
             line = []
             for splits in (0, 1, 2, 4, 8):
-                for fa, fc in (("0", "0"), ("1", "0"), ("1", "1")):
-                    if splits == 1 and fc == "1":
-                        continue
-                    os.environ[launch.FUSED_APPEND_ENV], os.environ[launch.FUSED_COMBINE_ENV] = fa, fc
+                for fa in ("0", "1"):
+                    os.environ[launch.FUSED_APPEND_ENV] = fa
                     us = time_graph(lambda: flash_attn_with_kvcache(**inputs, num_splits=splits))
-                    rows.append(dict(engine_shape=[b, hq, hk, d], splits=splits, fused_append=fa == "1",
-                                     fused_combine=fc == "1", us=us))
-                    line.append(f"s{splits or 'H'}/a{fa}c{fc} {us:5.1f}")
+                    rows.append(dict(engine_shape=[b, hq, hk, d], splits=splits, fused_append=fa == "1", us=us))
+                    line.append(f"s{splits or 'H'}/append-{'fused' if fa == '1' else 'kernel'} {us:5.1f}")
             print(f"B={b} {hq}/{hk} D={d}: " + " | ".join(line), flush=True)
             inputs = None
             torch.cuda.empty_cache()
     finally:
-        for name, value in env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        if before is None:
+            os.environ.pop(launch.FUSED_APPEND_ENV, None)
+        else:
+            os.environ[launch.FUSED_APPEND_ENV] = before
     return rows
 
 

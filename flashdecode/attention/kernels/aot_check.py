@@ -21,7 +21,6 @@ ATTENTION_VARIANTS: dict[str, dict[str, Any]] = {
     "decode-split-gather16": dict(TILE_IN_PAGE=False, GATHER_PAGE=16),
     "decode-split-in-page": dict(),
     "decode-fused-append": dict(APPEND=True, ROTARY_DIM=128, ROTARY_INTERLEAVED=False),
-    "decode-fused-combine": dict(APPEND=True, ROTARY_DIM=128, ROTARY_INTERLEAVED=False, FUSED_COMBINE=True),
     "decode-fused-append-page16": dict(APPEND=True, TILE_IN_PAGE=False, GATHER_PAGE=16, ROTARY_DIM=128),
     "decode-all-features": dict(SPLIT=False, HAS_WINDOW_LEFT=True, HAS_SOFTCAP=True, HAS_ALIBI=True, ROTARY_DIM=64,
                                 ROTARY_INTERLEAVED=False),
@@ -100,8 +99,7 @@ def attention_variant(**kw: Any) -> Any:
         GROUP=4, HEAD_DIM=128, HEAD_DIM_P2=128, BLOCK_M=16, BLOCK_N=64, SPLIT=True, TILE_IN_PAGE=True, GATHER_PAGE=0,
         HAS_WINDOW_LEFT=False, HAS_WINDOW_RIGHT=True, HAS_SOFTCAP=False, HAS_ALIBI=False, ROTARY_DIM=0,
         ROTARY_INTERLEAVED=True, ROTARY_PER_POSITION=True, DOT_FP32=False, APPEND=False, APPEND_ROWS=16,
-        FUSED_COMBINE=False,
-        stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1, stride_fod=1,
+        stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1,
     )
     consts.update(kw)
     if consts["HEAD_DIM"] > consts["HEAD_DIM_P2"]:
@@ -109,8 +107,7 @@ def attention_variant(**kw: Any) -> Any:
     ptrs = {n: f"*{dt}" for n in ("Q", "K_CACHE", "V_CACHE", "COS", "SIN", "K_NEW", "V_NEW")}
     ptrs.update({n: "*i32" for n in ("BLOCK_TABLE", "CU_SEQLENS_Q", "CACHE_SEQLENS", "CACHE_LEFTPAD",
                                      "CU_SEQLENS_K_NEW", "ROTARY_SEQLENS")})
-    ptrs.update(ALIBI="*fp32", OUT="*fp32" if consts["SPLIT"] else f"*{dt}", LSE="*fp32", FINAL_OUT=f"*{dt}",
-                FINAL_LSE="*fp32", SEMAPHORES="*i32")
+    ptrs.update(ALIBI="*fp32", OUT="*fp32" if consts["SPLIT"] else f"*{dt}", LSE="*fp32")
     return _compile(attention_split_kernel, ptrs, consts, ("qk_scale", "softcap_log2"), num_warps, num_stages)
 
 

@@ -29,7 +29,6 @@ import triton
 import triton.language as tl
 
 from flashdecode.attention.kernels.append import load_new_rows, locate_new_rows, store_new_rows
-from flashdecode.attention.kernels.combine import combine_rows
 from flashdecode.attention.kernels.key_tile import attend, key_tile, page_ids
 from flashdecode.attention.kernels.rotary import load_rotated
 from flashdecode.attention.kernels.rounding import cast_to
@@ -56,9 +55,6 @@ def attention_split_kernel(
     LSE,
     K_NEW,
     V_NEW,
-    FINAL_OUT,
-    FINAL_LSE,
-    SEMAPHORES,
     total_q,
     total_new,
     num_kv_heads,
@@ -97,11 +93,6 @@ def attention_split_kernel(
     stride_vnt,
     stride_vnh,
     stride_vnd,
-    stride_fot,
-    stride_foh,
-    stride_fod,
-    stride_flh,
-    stride_flt,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
@@ -120,7 +111,6 @@ def attention_split_kernel(
     DOT_FP32: tl.constexpr,
     APPEND: tl.constexpr,
     APPEND_ROWS: tl.constexpr,
-    FUSED_COMBINE: tl.constexpr,
 ):
     """Grid ``(num_m_tiles * num_kv_heads, batch, num_splits)``.
 
@@ -129,11 +119,6 @@ def attention_split_kernel(
     the programs of the last split take the new keys straight from ``K_NEW``/``V_NEW`` as one
     extra key tile, so no program reads a cache slot this launch writes. Without it the new keys
     are already in the cache (`append_kv_kernel` ran first).
-
-    With ``SPLIT`` and ``FUSED_COMBINE`` the splits also merge themselves: each program counts
-    itself in ``SEMAPHORES`` (one int32 per (sequence, query tile, KV head), zero on entry) after
-    writing its partial result, and the last one to arrive merges all splits into ``FINAL_OUT``/
-    ``FINAL_LSE`` (the layouts of the no-split ``OUT``/``LSE``), so no combine kernel runs.
 
     With ``SPLIT`` the outputs are the workspace: ``OUT`` (splits, total_q, H, D) float32 partial
     outputs (already divided by their own sum) and ``LSE`` a float32 log2-domain LSE per (split,
@@ -305,18 +290,6 @@ def attention_split_kernel(
         o_base = OUT + split.to(tl.int64) * stride_os
         tl.store(o_base + o_rows[:, None] + offs_d[None, :] * stride_od, out, mask=o_mask)
         tl.store(LSE + split.to(tl.int64) * stride_ls + l_offs, tl.where(has_key, lse2, float("-inf")), mask=row_ok)
-        if FUSED_COMBINE:
-            tl.debug_barrier()  # every thread's partial stores precede the release below
-            counter = SEMAPHORES + b.to(tl.int64) * tl.num_programs(0) + pid0
-            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-            if arrived == num_splits - 1:
-                combine_rows(
-                    OUT, LSE, FINAL_OUT, FINAL_LSE, o_rows, l_offs,
-                    token.to(tl.int64) * stride_fot + head * stride_foh,
-                    head * stride_flh + token.to(tl.int64) * stride_flt,
-                    row_ok, num_splits, stride_os, stride_ls, stride_od, stride_fod,
-                    HEAD_DIM, HEAD_DIM_P2, BLOCK_M,
-                )
     else:
         tl.store(OUT + o_rows[:, None] + offs_d[None, :] * stride_od, cast_to(out, OUT.dtype.element_ty), mask=o_mask)
         tl.store(LSE + l_offs, tl.where(has_key, lse2 * LN2, float("inf")), mask=row_ok)

@@ -34,7 +34,6 @@ from flashdecode.attention.problem import PackedProblem
 
 LOG2E = math.log2(math.e)
 PAGED_GATHER_ENV = "FLASHDECODE_PAGED_GATHER"
-FUSED_COMBINE_ENV = "FLASHDECODE_FUSED_COMBINE"
 FUSED_APPEND_ENV = "FLASHDECODE_FUSED_APPEND"
 # New keys per program of the append kernel.
 APPEND_BLOCK_T = 16
@@ -81,12 +80,6 @@ def _env_flag(name: str, default: str) -> bool:
     if value not in ("0", "1", "off", "on"):
         raise ValueError(f"{name} must be 0 or 1, got {value!r}")
     return value in ("1", "on")
-
-
-def fused_combine_enabled() -> bool:
-    """``FLASHDECODE_FUSED_COMBINE`` (read on every call): ``1`` lets the last split of each query
-    tile merge the splits itself instead of a combine kernel. Off by default until timed on a GPU."""
-    return _env_flag(FUSED_COMBINE_ENV, "0")
 
 
 def fused_append_enabled() -> bool:
@@ -164,10 +157,6 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bo
     else:
         qk_scale, softcap_log2 = p.softmax_scale * LOG2E, 0.0
 
-    fused_combine = splits > 1 and fused_combine_enabled()
-    # one arrival counter per (sequence, query tile, KV head); a memset, no kernel, also in a graph
-    semaphores = torch.zeros(n_m_tiles * num_kv_heads * p.batch, dtype=torch.int32, device=q.device) \
-        if fused_combine else q
     if splits > 1:
         o_dst = torch.empty((splits, total_q, num_heads, head_dim), device=q.device, dtype=torch.float32)
         l_dst = torch.empty((splits, total_q, num_heads), device=q.device, dtype=torch.float32)
@@ -182,7 +171,7 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bo
     grid = (n_m_tiles * num_kv_heads, p.batch, splits)
     attention_split_kernel[grid](
         q, kc, vc, bt, p.cu_seqlens_q, p.cache_seqlens, p.cache_leftpad, p.cu_seqlens_k_new,
-        p.rotary_seqlens, cos, sin, alibi, o_dst, l_dst, kn, vn, out, lse, semaphores,
+        p.rotary_seqlens, cos, sin, alibi, o_dst, l_dst, kn, vn,
         total_q, kn.shape[0] if append else 0, num_kv_heads, num_pages, bt.shape[1], page_size, seqlen_ro,
         qk_scale, softcap_log2, p.window_left, p.window_right,
         q.stride(0), q.stride(1), q.stride(2),
@@ -195,8 +184,6 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bo
         *l_strides,
         kn.stride(0), kn.stride(1), kn.stride(2),
         vn.stride(0), vn.stride(1), vn.stride(2),
-        *out.stride(),
-        *lse.stride(),
         GROUP=group,
         HEAD_DIM=head_dim,
         HEAD_DIM_P2=d_p2,
@@ -216,11 +203,10 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bo
         DOT_FP32=q.dtype == torch.float32 or not q.is_cuda,
         APPEND=append,
         APPEND_ROWS=FUSED_APPEND_ROWS,
-        FUSED_COMBINE=fused_combine,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    if splits > 1 and not fused_combine:
+    if splits > 1:
         splits_p2 = max(2, heuristics.next_pow2(splits))
         combine_splits_kernel[(total_q, num_heads)](
             o_dst, l_dst, out, lse, splits,

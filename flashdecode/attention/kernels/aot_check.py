@@ -115,6 +115,7 @@ def main() -> int:
     from flashdecode.attention.kernels.append import append_kv_kernel
     from flashdecode.attention.kernels.combine import combine_splits_kernel
     from flashdecode.attention.kernels.merge_states import merge_states_kernel
+    from flashdecode.models.kernels.gemv import gemv_kernel
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
@@ -129,6 +130,15 @@ def main() -> int:
     jobs["merge"] = lambda: _compile(merge_states_kernel, dict(OUT_A="*bf16", OUT_B="*bf16", OUT="*bf16", LSE_A="*fp32",
                                                                 LSE_B="*fp32", LSE="*fp32"),
                                      dict(HEAD_DIM=128, HEAD_DIM_P2=128, BLOCK_H=32))
+    gemv_ptrs = {n: "*bf16" for n in ("X", "RESIDUAL", "NORM_W", "W", "BIAS", "Y", "RESIDUAL_OUT")}
+    for name, consts, warps in (
+        ("gemv-add-norm-small", dict(PROLOGUE=2, BLOCK_N=4, BLOCK_K=1024, K_TILES=1), 4),
+        ("gemv-silu-small", dict(PROLOGUE=3, BLOCK_N=4, BLOCK_K=2048, K_TILES=1), 4),
+        ("gemv-add-norm-wide", dict(PROLOGUE=2, BLOCK_N=16, BLOCK_K=2048, K_TILES=2), 8),
+        ("gemv-silu-long", dict(PROLOGUE=3, BLOCK_N=8, BLOCK_K=2048, K_TILES=7), 8),
+    ):
+        jobs[name] = lambda c=consts, w=warps: _compile(gemv_kernel, gemv_ptrs, dict(c, HAS_BIAS=False, USE_PDL=True),
+                                                        ("eps",), w)
     only = sys.argv[1:]
     failed = 0
     for name, job in jobs.items():

@@ -38,6 +38,7 @@ PDL_ENV = "FLASHDECODE_PDL"
 # Above this many weights a projection is bound by bandwidth, and end to end cuBLAS was faster: on
 # an H200 (2026-11-28) the Llama-3-8B shape decoded 184-191 tok/s with every projection on the
 # GEMV and 206 without, although the GEMV alone timed faster. So only smaller weights take it.
+# (That kernel spilled registers at the 8B tiles; the current one does not. Not re-timed yet.)
 GEMV_MAX_WEIGHTS = 2**24
 GEMV_MAX_BLOCK_K = 2048
 GEMV_MAX_BLOCK_N = 16

@@ -369,6 +369,20 @@ def test_paged_gather_env_override_is_read_at_each_call(device, monkeypatch):
         run_triton(p, 1)
 
 
+def test_attention_pdl_switch_is_off_by_default_never_on_cpu_and_checked(monkeypatch):
+    launch = _launch()
+    monkeypatch.delenv("FLASHDECODE_ATTENTION_PDL", raising=False)
+    assert not launch.attention_pdl(torch.device("cpu"))
+    monkeypatch.setenv("FLASHDECODE_ATTENTION_PDL", "1")
+    assert not launch.attention_pdl(torch.device("cpu"))
+    if torch.cuda.is_available():
+        monkeypatch.delenv("FLASHDECODE_ATTENTION_PDL")
+        assert not launch.attention_pdl(torch.device("cuda"))
+    monkeypatch.setenv("FLASHDECODE_ATTENTION_PDL", "2")
+    with pytest.raises(ValueError, match="FLASHDECODE_ATTENTION_PDL"):
+        launch.attention_pdl(torch.device("cpu"))
+
+
 @pytest.mark.interpreter
 def test_fused_append_env_switches_to_the_append_kernel(device, monkeypatch):
     """``FLASHDECODE_FUSED_APPEND=0`` appends with the separate kernel (the attention kernel gets
@@ -558,8 +572,11 @@ def _decode_problem(g, device, *, B=4, H=8, Hk=2, D=128, page_size=16, max_pages
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("pdl", ["0", "1"], ids=["plain-launch", "attention-pdl"])
 @pytest.mark.parametrize("num_splits", [0, 1, 3])
-def test_cuda_graph_replay_equals_eager(num_splits):
+def test_cuda_graph_replay_equals_eager(num_splits, pdl, monkeypatch):
+    """Also with the attention and combine kernels under programmatic dependent launch."""
+    monkeypatch.setenv("FLASHDECODE_ATTENTION_PDL", pdl)
     device = torch.device("cuda")
     launch = _launch()
     g = torch.Generator().manual_seed(21)

@@ -33,6 +33,7 @@ ATTENTION_VARIANTS: dict[str, dict[str, Any]] = {
                                      ROTARY_DIM=256, ROTARY_INTERLEAVED=False),
     "decode-mqa-fused-append": dict(BLOCK_M=32, GROUP=32, APPEND=True, ROTARY_DIM=128, ROTARY_INTERLEAVED=False),
     "decode-fp32": dict(dtype="fp32", DOT_FP32=True, BLOCK_N=32),
+    "decode-pdl": dict(APPEND=True, ROTARY_DIM=128, ROTARY_INTERLEAVED=False, USE_PDL=True),
     "prefill": dict(BLOCK_M=128, BLOCK_N=64, SPLIT=False, num_warps=8),
 }
 
@@ -127,6 +128,10 @@ def main() -> int:
         HEAD_DIM=128, HEAD_DIM_P2=128, BLOCK_T=16, ROTARY_DIM=64, INTERLEAVED=True))
     jobs["combine"] = lambda: _compile(combine_splits_kernel, dict(O_PART="*fp32", LSE_PART="*fp32", OUT="*bf16", LSE="*fp32"),
                                        dict(HEAD_DIM=128, HEAD_DIM_P2=128, SPLITS_P2=16, SPLIT_CHUNK=16, stride_od=1))
+    jobs["combine-pdl"] = lambda: _compile(combine_splits_kernel, dict(O_PART="*fp32", LSE_PART="*fp32", OUT="*bf16",
+                                                                       LSE="*fp32"),
+                                           dict(HEAD_DIM=128, HEAD_DIM_P2=128, SPLITS_P2=16, SPLIT_CHUNK=16, stride_od=1,
+                                                USE_PDL=True))
     jobs["merge"] = lambda: _compile(merge_states_kernel, dict(OUT_A="*bf16", OUT_B="*bf16", OUT="*bf16", LSE_A="*fp32",
                                                                 LSE_B="*fp32", LSE="*fp32"),
                                      dict(HEAD_DIM=128, HEAD_DIM_P2=128, BLOCK_H=32))

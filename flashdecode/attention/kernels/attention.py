@@ -111,6 +111,7 @@ def attention_split_kernel(
     DOT_FP32: tl.constexpr,
     APPEND: tl.constexpr,
     APPEND_ROWS: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """Grid ``(num_m_tiles * num_kv_heads, batch, num_splits)``.
 
@@ -124,7 +125,13 @@ def attention_split_kernel(
     outputs (already divided by their own sum) and ``LSE`` a float32 log2-domain LSE per (split,
     head, token), -inf for an empty split (strides ``stride_ls, stride_lh, stride_lt``). Without it, ``OUT`` (total_q, H, D) in q's dtype and ``LSE``
     (H, total_q) natural-log float32, +inf and zeros for a row that sees no key.
+
+    ``USE_PDL`` (a launch with programmatic dependent launch): wait for the previous kernel before
+    the first load, then let the next kernel launch; this only overlaps the launches.
     """
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid0 = tl.program_id(0)
     b = tl.program_id(1)
     split = tl.program_id(2)

@@ -32,6 +32,7 @@ def combine_splits_kernel(
     HEAD_DIM_P2: tl.constexpr,
     SPLITS_P2: tl.constexpr,
     SPLIT_CHUNK: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """Grid ``(total_q, H)``: one program per query row and head, so that even a batch of one
     spreads the (splits x D) reads over many SMs.
@@ -39,8 +40,11 @@ def combine_splits_kernel(
     ``O_PART`` (splits, total_q, H, D) float32 holds each split's normalised output (last dim
     contiguous) and ``LSE_PART`` (splits, total_q, H) its log2-domain LSE (-inf: the split saw no
     key). Writes ``OUT`` (total_q, H, D) and ``LSE`` (H, total_q) natural log, +inf and zeros when
-    no split saw a key.
+    no split saw a key. ``USE_PDL``: as in `attention_split_kernel`.
     """
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     l_row = LSE_PART + t * stride_lt + h * stride_lh

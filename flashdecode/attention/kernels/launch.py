@@ -35,6 +35,7 @@ from flashdecode.attention.problem import PackedProblem
 LOG2E = math.log2(math.e)
 PAGED_GATHER_ENV = "FLASHDECODE_PAGED_GATHER"
 FUSED_APPEND_ENV = "FLASHDECODE_FUSED_APPEND"
+ATTENTION_PDL_ENV = "FLASHDECODE_ATTENTION_PDL"
 # New keys per program of the append kernel.
 APPEND_BLOCK_T = 16
 # Up to this many new keys per sequence, the attention kernel appends them itself (no append kernel).
@@ -86,6 +87,14 @@ def fused_append_enabled() -> bool:
     """``FLASHDECODE_FUSED_APPEND`` (read on every call): ``0`` runs the append kernel before the
     attention kernel even for a few new keys per sequence (an A/B knob; default ``1``)."""
     return _env_flag(FUSED_APPEND_ENV, "1")
+
+
+def attention_pdl(device: torch.device) -> bool:
+    """``FLASHDECODE_ATTENTION_PDL=1`` (read on every call; default ``0``, not yet timed): launch the
+    attention and combine kernels with programmatic dependent launch on sm90+ CUDA devices. Each
+    waits for the previous kernel before its first load, so only the launches overlap."""
+    return _env_flag(ATTENTION_PDL_ENV, "0") and device.type == "cuda" \
+        and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def paged_gather_mode() -> str | None:
@@ -168,6 +177,8 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bo
         l_strides = (0, lse.stride(0), lse.stride(1))
 
     kn, vn = (p.k_new, p.v_new) if append else (q, q)
+    pdl = attention_pdl(q.device)
+    pdl_launch = {"launch_pdl": True} if pdl else {}
     grid = (n_m_tiles * num_kv_heads, p.batch, splits)
     attention_split_kernel[grid](
         q, kc, vc, bt, p.cu_seqlens_q, p.cache_seqlens, p.cache_leftpad, p.cu_seqlens_k_new,
@@ -203,8 +214,10 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bo
         DOT_FP32=q.dtype == torch.float32 or not q.is_cuda,
         APPEND=append,
         APPEND_ROWS=FUSED_APPEND_ROWS,
+        USE_PDL=pdl,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **pdl_launch,
     )
     if splits > 1:
         splits_p2 = max(2, heuristics.next_pow2(splits))
@@ -218,7 +231,9 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bo
             HEAD_DIM_P2=d_p2,
             SPLITS_P2=splits_p2,
             SPLIT_CHUNK=min(splits_p2, max(1, 4096 // d_p2)),
+            USE_PDL=pdl,
             num_warps=4,
+            **pdl_launch,
         )
 
 

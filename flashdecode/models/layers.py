@@ -135,12 +135,13 @@ def gemv_config(n: int, k: int) -> GemvConfig:
     return GemvConfig(block_n=block_n, block_k=block_k, num_warps=num_warps)
 
 
-def gemv_enabled() -> bool:
-    """``FLASHDECODE_GEMV`` (read on every call): ``1`` (default) or ``0``."""
+def gemv_mode() -> str:
+    """``FLASHDECODE_GEMV`` (read on every call): ``1`` (default: weights below
+    ``GEMV_MAX_WEIGHTS``), ``all`` (every single-row projection) or ``0`` (none)."""
     value = os.environ.get(GEMV_ENV, "1").strip().lower()
-    if value not in ("0", "1", "on", "off"):
-        raise ValueError(f"{GEMV_ENV} must be 0 or 1, got {value!r}")
-    return value in ("1", "on")
+    if value not in ("0", "1", "all"):
+        raise ValueError(f"{GEMV_ENV} must be 0, 1 or all, got {value!r}")
+    return value
 
 
 def pdl_enabled(device: torch.device) -> bool:
@@ -154,8 +155,10 @@ def pdl_enabled(device: torch.device) -> bool:
 
 
 def _takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.shape[0] == 1 and x.dtype == weight.dtype and weight.stride(-1) == 1
-            and weight.numel() < GEMV_MAX_WEIGHTS and selected_backend(x.device) == "triton" and gemv_enabled())
+    if x.shape[0] != 1 or x.dtype != weight.dtype or weight.stride(-1) != 1 or selected_backend(x.device) != "triton":
+        return False
+    mode = gemv_mode()
+    return mode == "all" or (mode == "1" and weight.numel() < GEMV_MAX_WEIGHTS)
 
 
 def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prologue: int,

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import triton
 
 from flashdecode.attention.interface import selected_backend
+from flashdecode.attention.kernels.launch import env_flag, pdl_supported
 from flashdecode.models.kernels.activation import silu_and_mul_kernel
 from flashdecode.models.kernels.gemv import (
     PROLOGUE_ADD_NORM,
@@ -148,10 +149,7 @@ def pdl_enabled(device: torch.device) -> bool:
     """Programmatic dependent launch of the GEMV: CUDA devices of compute capability 9.0 and up,
     unless ``FLASHDECODE_PDL=0`` (read on every call). On an H200 (2026-11-28) it took the
     SmolLM2-135M shape's batch-1 decode from 1308 to 1465 tokens/s."""
-    value = os.environ.get(PDL_ENV, "1").strip().lower()
-    if value not in ("0", "1", "on", "off"):
-        raise ValueError(f"{PDL_ENV} must be 0 or 1, got {value!r}")
-    return value in ("1", "on") and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return env_flag(PDL_ENV, "1") and pdl_supported(device)
 
 
 def _takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -76,7 +76,8 @@ def tile_in_page(page_size: int, block_n: int, k_pages: torch.Tensor, v_pages: t
     return page_size % block_n == 0 and widest < 2**31
 
 
-def _env_flag(name: str, default: str) -> bool:
+def env_flag(name: str, default: str) -> bool:
+    """An on/off knob read from the environment: ``0``/``off`` or ``1``/``on``, else ValueError."""
     value = os.environ.get(name, default).strip().lower()
     if value not in ("0", "1", "off", "on"):
         raise ValueError(f"{name} must be 0 or 1, got {value!r}")
@@ -86,15 +87,19 @@ def _env_flag(name: str, default: str) -> bool:
 def fused_append_enabled() -> bool:
     """``FLASHDECODE_FUSED_APPEND`` (read on every call): ``0`` runs the append kernel before the
     attention kernel even for a few new keys per sequence (an A/B knob; default ``1``)."""
-    return _env_flag(FUSED_APPEND_ENV, "1")
+    return env_flag(FUSED_APPEND_ENV, "1")
 
 
 def attention_pdl(device: torch.device) -> bool:
     """``FLASHDECODE_ATTENTION_PDL=1`` (read on every call; default ``0``, not yet timed): launch the
     attention and combine kernels with programmatic dependent launch on sm90+ CUDA devices. Each
     waits for the previous kernel before its first load, so only the launches overlap."""
-    return _env_flag(ATTENTION_PDL_ENV, "0") and device.type == "cuda" \
-        and torch.cuda.get_device_capability(device)[0] >= 9
+    return env_flag(ATTENTION_PDL_ENV, "0") and pdl_supported(device)
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch needs a CUDA device of compute capability 9.0 or later."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def paged_gather_mode() -> str | None:

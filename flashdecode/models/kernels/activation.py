@@ -9,6 +9,14 @@ from flashdecode.attention.kernels.rounding import cast_to
 
 
 @triton.jit
+def silu_mul_rounded(gate, up, dtype: tl.constexpr):
+    """``silu(gate) * up``, ``silu`` rounded to ``dtype`` first as PyTorch does in low precision,
+    then the product; float32 in and out (the values are ``dtype``'s)."""
+    act = cast_to(gate * tl.sigmoid(gate), dtype).to(tl.float32)
+    return cast_to(act * up, dtype).to(tl.float32)
+
+
+@triton.jit
 def silu_and_mul_kernel(
     GATE_UP,
     OUT,
@@ -25,5 +33,5 @@ def silu_and_mul_kernel(
     dtype = GATE_UP.dtype.element_ty
     gate = tl.load(GATE_UP + row * stride_in + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(GATE_UP + row * stride_in + intermediate + cols, mask=mask, other=0.0).to(tl.float32)
-    act = cast_to(gate * tl.sigmoid(gate), dtype).to(tl.float32)
-    tl.store(OUT + row * stride_out + cols, cast_to(act * up, OUT.dtype.element_ty), mask=mask)
+    out = silu_mul_rounded(gate, up, dtype)
+    tl.store(OUT + row * stride_out + cols, cast_to(out, OUT.dtype.element_ty), mask=mask)

@@ -10,8 +10,8 @@ projection itself, so a decoder layer runs 6 kernels instead of 9:
   (the residual stream) so the model carries it on;
 * ``PROLOGUE_SILU_MUL``: ``x = [gate | up]``, ``f = silu(gate) * up`` (the down projection).
 
-The prologues round like `rms_norm_kernel` and `silu_and_mul_kernel` (Hugging Face's order), so
-the fused layer reads exactly the bf16 vector the unfused layers would have produced.
+The prologues round with the helpers of `rms_norm_kernel` and `silu_and_mul_kernel` (Hugging
+Face's order), so the fused layer reads the vector the unfused layers would have produced.
 
 Layout: each program owns ``BLOCK_N`` output features and walks the reduction in ``K_TILES``
 statically unrolled tiles of ``BLOCK_K``: the weight loads of all tiles are independent of each
@@ -30,6 +30,8 @@ import triton
 import triton.language as tl
 
 from flashdecode.attention.kernels.rounding import cast_to
+from flashdecode.models.kernels.activation import silu_mul_rounded
+from flashdecode.models.kernels.norm import scale_rounded
 
 PROLOGUE_NONE = 0
 PROLOGUE_NORM = 1
@@ -44,16 +46,14 @@ def _input_tile(X, RESIDUAL, NORM_W, k, k_mask, K, rstd, PROLOGUE: tl.constexpr)
     if PROLOGUE == 3:
         gate = tl.load(X + k, mask=k_mask, other=0.0).to(tl.float32)
         up = tl.load(X + K + k, mask=k_mask, other=0.0).to(tl.float32)
-        act = cast_to(gate * tl.sigmoid(gate), dtype).to(tl.float32)
-        return cast_to(act * up, dtype).to(tl.float32)
+        return silu_mul_rounded(gate, up, dtype)
     x = tl.load(X + k, mask=k_mask, other=0.0).to(tl.float32)
     if PROLOGUE == 2:
         r = tl.load(RESIDUAL + k, mask=k_mask, other=0.0).to(tl.float32)
         x = cast_to(x + r, dtype).to(tl.float32)
     if PROLOGUE == 1 or PROLOGUE == 2:
         g = tl.load(NORM_W + k, mask=k_mask, other=0.0).to(tl.float32)
-        normed = cast_to(x * rstd, dtype).to(tl.float32)
-        x = cast_to(normed * g, dtype).to(tl.float32)
+        x = scale_rounded(x, rstd, g, dtype)
     return x
 
 

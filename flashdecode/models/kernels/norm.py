@@ -15,6 +15,14 @@ from flashdecode.attention.kernels.rounding import cast_to
 
 
 @triton.jit
+def scale_rounded(x, rstd, weight, dtype: tl.constexpr):
+    """``weight * (x * rstd)`` with both products rounded to ``dtype`` as Hugging Face rounds
+    them; float32 in and out (the values are ``dtype``'s)."""
+    normed = cast_to(x * rstd, dtype).to(tl.float32)
+    return cast_to(normed * weight, dtype).to(tl.float32)
+
+
+@triton.jit
 def rms_norm_kernel(
     X,
     RESIDUAL,
@@ -43,6 +51,6 @@ def rms_norm_kernel(
         tl.store(RESIDUAL_OUT + row * stride_ro + cols, s, mask=mask)
         x = s.to(tl.float32)
     mean_sq = tl.sum(x * x, axis=0) / hidden
-    normed = cast_to(x * tl.math.rsqrt(mean_sq + eps), dtype).to(tl.float32)
     w = tl.load(WEIGHT + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + row * stride_o + cols, cast_to(normed * w, OUT.dtype.element_ty), mask=mask)
+    out = scale_rounded(x, tl.math.rsqrt(mean_sq + eps), w, dtype)
+    tl.store(OUT + row * stride_o + cols, cast_to(out, OUT.dtype.element_ty), mask=mask)

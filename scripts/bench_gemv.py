@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from flashdecode.bench.timing import measure_graph  # noqa: E402
 from flashdecode.models import layers  # noqa: E402
 
 # model, projection, N, K, prologue
@@ -44,42 +44,21 @@ SHAPES = [
 ROTATE_BYTES = 256 * 2**20  # more than any L2
 
 
-def time_graph(fns, reps=20) -> float:
-    """Median us per call of one replay of all ``fns`` in order."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for fn in fns:
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(a.elapsed_time(e) * 1e3 / len(fns))
-    return statistics.median(times)
+def time_us(fn, weights) -> float:
+    """Median us per call of ``fn(w)``, rotating among ``weights``, by CUDA-graph replay."""
+    est_us = 3.0 + weights[0].numel() * weights[0].element_size() / 3e6  # ~3 TB/s, for the batch size
+    return measure_graph(fn, weights, est_us=est_us, min_time_s=0.05, host_us=0.0).median_us
 
 
-def calls(prologue, x, residual, norm_w, weights, fused: bool):
-    def one(w):
-        if prologue == "none":
-            return lambda: (layers.linear(x, w) if fused else F.linear(x, w))
-        if prologue == "silu-mul":
-            return lambda: (layers.silu_mul_linear(x, w) if fused else F.linear(layers.silu_and_mul(x), w))
-        if fused:
-            return lambda: layers.norm_linear(x, residual, norm_w, 1e-5, w)
-        return lambda: F.linear(layers.rms_norm(x, norm_w, 1e-5, residual)[0], w)
-
-    return [one(w) for w in weights]
+def projection(prologue, x, residual, norm_w, fused: bool):
+    """``w -> one batch-1 projection with weight w``, fused (the GEMV) or unfused (kernel + cuBLAS)."""
+    if prologue == "none":
+        return lambda w: layers.linear(x, w) if fused else F.linear(x, w)
+    if prologue == "silu-mul":
+        return lambda w: layers.silu_mul_linear(x, w) if fused else F.linear(layers.silu_and_mul(x), w)
+    if fused:
+        return lambda w: layers.norm_linear(x, residual, norm_w, 1e-5, w)
+    return lambda w: F.linear(layers.rms_norm(x, norm_w, 1e-5, residual)[0], w)
 
 
 def main() -> int:
@@ -98,8 +77,8 @@ def main() -> int:
         x = torch.randn(1, 2 * k if prologue == "silu-mul" else k, device=dev, dtype=dt, generator=g)
         residual = torch.randn(1, k, device=dev, dtype=dt, generator=g)
         norm_w = torch.rand(k, device=dev, dtype=dt, generator=g) + 0.5
-        torch_us = time_graph(calls(prologue, x, residual, norm_w, weights, fused=False))
-        fused_us = time_graph(calls(prologue, x, residual, norm_w, weights, fused=True))
+        torch_us = time_us(projection(prologue, x, residual, norm_w, fused=False), weights)
+        fused_us = time_us(projection(prologue, x, residual, norm_w, fused=True), weights)
         base = heuristic(n, k)
         row = dict(model=model, proj=proj, n=n, k=k, prologue=prologue, torch_us=torch_us, fused_us=fused_us,
                    heuristic=[base.block_n, base.block_k, base.num_warps], gbs=n * k * 2 / fused_us / 1e3, sweep=[])
@@ -110,7 +89,7 @@ def main() -> int:
             cfg = layers.GemvConfig(bn, bk, warps)
             layers.gemv_config = lambda *_a, _c=cfg: _c
             try:
-                us = time_graph(calls(prologue, x, residual, norm_w, weights, fused=True), reps=10)
+                us = time_us(projection(prologue, x, residual, norm_w, fused=True), weights)
             except Exception as exc:  # noqa: BLE001  (too many registers, ...)
                 print(f"  {proj} bn={bn} bk={bk} w={warps}: {type(exc).__name__}", flush=True)
                 continue

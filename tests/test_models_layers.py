@@ -101,7 +101,9 @@ def test_silu_and_mul_matches_oracle(path, device, dtype, intermediate):
 
 @pytest.mark.interpreter
 def test_tiny_model_on_the_triton_path_matches_transformers(tmp_path, monkeypatch):
-    from flashdecode.models import load_model
+    """A prefill, then one-token decode steps (every projection on the fused single-row GEMV),
+    give transformers' logits."""
+    from flashdecode.models import AttentionMetadata, load_model
     from test_models_safetensors import IDS, hf_logits, make_tiny_model_dir, prefill_logits
 
     hf = make_tiny_model_dir(str(tmp_path))
@@ -109,8 +111,30 @@ def test_tiny_model_on_the_triton_path_matches_transformers(tmp_path, monkeypatc
     if torch.cuda.is_available() and not str(model.device).startswith("cpu"):
         pytest.skip("checked on CPU tensors through the interpreter")
     set_backend(monkeypatch, "triton")
-    ours, _, _ = prefill_logits(model, [IDS])
-    torch.testing.assert_close(ours, hf_logits(hf, IDS), atol=2e-4, rtol=2e-4)
+    want = hf_logits(hf, IDS)
+    first, pool, tables = prefill_logits(model, [IDS[:6]], page_size=4, slack=len(IDS))
+    torch.testing.assert_close(first, want[:6], atol=2e-4, rtol=2e-4)
+
+    launches = []
+    real = layers.gemv_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launches.append(kwargs["PROLOGUE"])
+                return real[grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(layers, "gemv_kernel", Spy())
+    steps = []
+    for t in range(6, 10):
+        meta = AttentionMetadata(cache_seqlens=torch.tensor([t], dtype=torch.int32),
+                                 block_table=torch.tensor(tables, dtype=torch.int32))
+        with torch.inference_mode():
+            steps.append(model(torch.tensor([IDS[t]]), meta, pool)[0])
+    torch.testing.assert_close(torch.stack(steps), want[6:10], atol=2e-4, rtol=2e-4)
+    per_step = 4 * model.config.num_layers + 1  # qkv, o, gate_up, down per layer; the head
+    assert len(launches) == 4 * per_step and set(launches) == {0, 1, 2, 3}
 
 
 # ---- projections (single rows take the fused GEMV kernel on the Triton path) --------------------
@@ -199,29 +223,6 @@ def test_gemv_config_covers_the_reduction_and_fills_the_card(n, k):
     assert tiles * cfg.block_k >= k > (tiles - 1) * cfg.block_k
     assert cfg.block_k <= layers.GEMV_MAX_BLOCK_K and cfg.block_n <= layers.GEMV_MAX_BLOCK_N
     assert -(-n // cfg.block_n) >= 36  # at least a quarter of the SMs of a large card busy
-
-
-@pytest.mark.interpreter
-def test_tiny_model_decode_steps_on_the_triton_path_match_transformers(tmp_path, monkeypatch):
-    """One-token steps (the fused single-row projections) give transformers' logits."""
-    from flashdecode.models import AttentionMetadata
-    from flashdecode.models import load_model
-    from test_models_safetensors import IDS, hf_logits, make_tiny_model_dir, prefill_logits
-
-    hf = make_tiny_model_dir(str(tmp_path))
-    model = load_model(str(tmp_path), tokenizer=False).model
-    if torch.cuda.is_available() and not str(model.device).startswith("cpu"):
-        pytest.skip("checked on CPU tensors through the interpreter")
-    set_backend(monkeypatch, "triton")
-    want = hf_logits(hf, IDS)
-    first, pool, tables = prefill_logits(model, [IDS[:6]], page_size=4, slack=len(IDS))
-    steps = []
-    for t in range(6, 10):
-        meta = AttentionMetadata(cache_seqlens=torch.tensor([t], dtype=torch.int32),
-                                 block_table=torch.tensor(tables, dtype=torch.int32))
-        with torch.inference_mode():
-            steps.append(model(torch.tensor([IDS[t]]), meta, pool)[0])
-    torch.testing.assert_close(torch.stack(steps), want[6:10], atol=2e-4, rtol=2e-4)
 
 
 def test_pdl_is_only_for_cuda_and_its_switch_is_checked(monkeypatch):

@@ -4,7 +4,7 @@
 # (flashdecode only) on both model shapes; a table of decode tokens/s and % of roofline is
 # printed last. Results go to $OUT/ab-<i>/ (or bench_results/ab-<i>/).
 #
-#   bash scripts/e2e_ab.sh "" "FLASHDECODE_ATTENTION_PDL=1" "FLASHDECODE_GEMV=0 FLASHDECODE_PDL=0"
+#   bash scripts/e2e_ab.sh "" "FLASHDECODE_ATTENTION_PDL=0" "FLASHDECODE_GEMV=0 FLASHDECODE_PDL=0"
 #
 # Variables: PYTHON (default python3), MODELS (default "smollm2-135m llama3-8b"), RUN_TIMEOUT
 # (seconds per setting, default 100).

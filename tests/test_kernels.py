@@ -369,7 +369,7 @@ def test_paged_gather_env_override_is_read_at_each_call(device, monkeypatch):
         run_triton(p, 1)
 
 
-def test_attention_pdl_switch_is_off_by_default_never_on_cpu_and_checked(monkeypatch):
+def test_attention_pdl_switch_is_on_by_default_never_on_cpu_and_checked(monkeypatch):
     launch = _launch()
     monkeypatch.delenv("FLASHDECODE_ATTENTION_PDL", raising=False)
     assert not launch.attention_pdl(torch.device("cpu"))
@@ -377,6 +377,8 @@ def test_attention_pdl_switch_is_off_by_default_never_on_cpu_and_checked(monkeyp
     assert not launch.attention_pdl(torch.device("cpu"))
     if torch.cuda.is_available():
         monkeypatch.delenv("FLASHDECODE_ATTENTION_PDL")
+        assert launch.attention_pdl(torch.device("cuda")) == launch.pdl_supported(torch.device("cuda"))
+        monkeypatch.setenv("FLASHDECODE_ATTENTION_PDL", "0")
         assert not launch.attention_pdl(torch.device("cuda"))
     monkeypatch.setenv("FLASHDECODE_ATTENTION_PDL", "2")
     with pytest.raises(ValueError, match="FLASHDECODE_ATTENTION_PDL"):

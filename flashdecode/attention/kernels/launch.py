@@ -91,10 +91,12 @@ def fused_append_enabled() -> bool:
 
 
 def attention_pdl(device: torch.device) -> bool:
-    """``FLASHDECODE_ATTENTION_PDL=1`` (read on every call; default ``0``, not yet timed): launch the
-    attention and combine kernels with programmatic dependent launch on sm90+ CUDA devices. Each
-    waits for the previous kernel before its first load, so only the launches overlap."""
-    return env_flag(ATTENTION_PDL_ENV, "0") and pdl_supported(device)
+    """Launch the attention and combine kernels with programmatic dependent launch on sm90+ CUDA
+    devices, unless ``FLASHDECODE_ATTENTION_PDL=0`` (read on every call). Each waits for the
+    previous kernel before its first load, so only the launches overlap. On an H200 (2026-11-28,
+    batch-1 decode with every projection on the GEMV, same run) SmolLM2-135M went from 1591 to
+    1654 tok/s and Llama-3-8B from 219.5 to 220.4."""
+    return env_flag(ATTENTION_PDL_ENV, "1") and pdl_supported(device)
 
 
 def pdl_supported(device: torch.device) -> bool:

@@ -7,7 +7,10 @@ every tile of a small sweep. Weights rotate among copies totalling more than the
 call reads its weight from memory as it does in a real decode step. Prints a table and, last, the
 best tile per shape next to the heuristic's.
 
-Usage: python scripts/bench_gemv.py [--budget SECONDS] [--out gemv.json]
+Usage: python scripts/bench_gemv.py [--budget SECONDS] [--models llama3-8b] [--wide] [--out gemv.json]
+
+``--wide`` sweeps more tiles (up to 32 rows, 4096 columns, 16 warps); the budget is shared evenly
+among the shapes, so every shape gets a sweep.
 """
 
 from __future__ import annotations
@@ -64,13 +67,22 @@ def projection(prologue, x, residual, norm_w, fused: bool):
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=float, default=180.0, help="seconds; stops the tile sweep after this")
+    ap.add_argument("--models", nargs="+", default=["smollm2-135m", "llama3-8b"])
+    ap.add_argument("--wide", action="store_true", help="a wider tile sweep")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    shapes = [s for s in SHAPES if s[0] in args.models]
+    if args.wide:
+        grid = [(bn, bk, w) for bn, bk, w in itertools.product((4, 8, 16, 32), (1024, 2048, 4096), (4, 8, 16))
+                if bn * bk <= 65536 and bn * bk >= 8 * 32 * w]  # a tile fits the registers; 8 values a thread
+    else:
+        grid = list(itertools.product((2, 4, 8, 16), (512, 1024, 2048), (4, 8)))
     dev, dt = "cuda", torch.bfloat16
     start = time.time()
     heuristic = layers.gemv_config
     rows, best_lines = [], []
-    for model, proj, n, k, prologue in SHAPES:
+    for index, (model, proj, n, k, prologue) in enumerate(shapes):
+        shape_deadline = start + args.budget * (index + 1) / len(shapes)
         g = torch.Generator(device=dev).manual_seed(n + k)
         copies = max(2, -(-ROTATE_BYTES // (n * k * 2)))
         weights = [torch.randn(n, k, device=dev, dtype=dt, generator=g) / k**0.5 for _ in range(copies)]
@@ -83,8 +95,8 @@ def main() -> int:
         row = dict(model=model, proj=proj, n=n, k=k, prologue=prologue, torch_us=torch_us, fused_us=fused_us,
                    heuristic=[base.block_n, base.block_k, base.num_warps], gbs=n * k * 2 / fused_us / 1e3, sweep=[])
         best = (fused_us, base)
-        for bn, bk, warps in itertools.product((2, 4, 8, 16), (512, 1024, 2048), (4, 8)):
-            if time.time() - start > args.budget or bk > max(512, triton.next_power_of_2(k)):
+        for bn, bk, warps in grid:
+            if time.time() > shape_deadline or bk > max(512, triton.next_power_of_2(k)):
                 continue
             cfg = layers.GemvConfig(bn, bk, warps)
             layers.gemv_config = lambda *_a, _c=cfg: _c
@@ -106,7 +118,7 @@ def main() -> int:
                           f"[{best[1].block_n}, {best[1].block_k}, {best[1].num_warps}] | torch {torch_us:.1f} us")
         del weights
         torch.cuda.empty_cache()
-    for model in ("smollm2-135m", "llama3-8b"):
+    for model in args.models:
         mine = [r for r in rows if r["model"] == model]
         layer_projs = [r for r in mine if r["proj"] != "lm_head"]
         print(f"{model}: per layer torch {sum(r['torch_us'] for r in layer_projs):.1f} us vs fused "

@@ -35,7 +35,7 @@ from flashdecode.models.kernels.norm import rms_norm_kernel
 ACTIVATION_BLOCK = 1024
 GEMV_ENV = "FLASHDECODE_GEMV"
 PDL_ENV = "FLASHDECODE_PDL"
-GEMV_MAX_BLOCK_K = 2048
+GEMV_MAX_BLOCK_K = 4096
 GEMV_MAX_BLOCK_N = 16
 
 
@@ -117,16 +117,20 @@ class GemvConfig:
 def gemv_config(n: int, k: int) -> GemvConfig:
     """Tile of `gemv_kernel` for an ``(n, k)`` weight.
 
-    From a sweep on an H200 (2026-11-28, bf16, weights cold in L2; scripts/bench_gemv.py): the
-    reduction in tiles of up to 2048; 4 output rows per program for small models, 8 from K = 4096,
-    16 for the large vocabularies and MLP widths (N >= 16384); 8 warps once a tile holds 32K
-    weights or the reduction is long. Per decoder layer of the SmolLM2-135M shape the four
-    projections took 11.7 us this way against 21.9 us for the unfused layers + cuBLAS; on the
-    Llama-3-8B shape 130.8 us against 142.8 us.
+    From sweeps on an H200 (2026-11-28, bf16, weights cold in L2; scripts/bench_gemv.py):
+    rows of up to 4096 weights are one tile of 4 rows (4 warps), except that large vocabularies
+    over short rows (the SmolLM2-135M head) take 16 rows; longer rows (the Llama-3-8B down
+    projection, K = 14336) take 16 rows x 1024 columns with 16 warps. On the Llama-3-8B shape
+    (run 14, every projection of a layer plus the head) this took 14.4 / 9.9 / 54.4 / 30.9 us
+    (qkv / o / gate_up / down) and 231.7 us (head), against 15.6 / 10.8 / 57.6 / 32.0 / 242.8 at
+    the earlier tiles and 17.8 / 13.3 / 58.7 / 33.5 / 250.1 for the unfused layers + cuBLAS. On
+    the SmolLM2-135M shape (run 10) the four projections took 11.7 us per layer against 21.9 us.
     """
-    block_k = min(GEMV_MAX_BLOCK_K, triton.next_power_of_2(max(1, k)))
-    block_n = 16 if n >= 16384 else 8 if k >= 4096 else 4
-    num_warps = 8 if block_n * block_k >= 32768 or k >= 8192 else 4
+    if k > GEMV_MAX_BLOCK_K:
+        return GemvConfig(block_n=16, block_k=1024, num_warps=16)
+    block_k = triton.next_power_of_2(max(1, k))
+    block_n = 16 if n >= 16384 and k < 2048 else 4
+    num_warps = 8 if block_n * block_k >= 32768 else 4
     return GemvConfig(block_n=block_n, block_k=block_k, num_warps=num_warps)
 
 

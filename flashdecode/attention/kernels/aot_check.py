@@ -139,8 +139,8 @@ def main() -> int:
     for name, consts, warps in (
         ("gemv-add-norm-small", dict(PROLOGUE=2, BLOCK_N=4, BLOCK_K=1024, K_TILES=1), 4),
         ("gemv-silu-small", dict(PROLOGUE=3, BLOCK_N=4, BLOCK_K=2048, K_TILES=1), 4),
-        ("gemv-add-norm-wide", dict(PROLOGUE=2, BLOCK_N=16, BLOCK_K=2048, K_TILES=2), 8),
-        ("gemv-silu-long", dict(PROLOGUE=3, BLOCK_N=8, BLOCK_K=2048, K_TILES=7), 8),
+        ("gemv-add-norm-wide", dict(PROLOGUE=2, BLOCK_N=4, BLOCK_K=4096, K_TILES=1), 4),
+        ("gemv-silu-long", dict(PROLOGUE=3, BLOCK_N=16, BLOCK_K=1024, K_TILES=14), 16),
     ):
         jobs[name] = lambda c=consts, w=warps: _compile(gemv_kernel, gemv_ptrs, dict(c, HAS_BIAS=False, USE_PDL=True),
                                                         ("eps",), w)

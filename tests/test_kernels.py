@@ -742,13 +742,3 @@ def test_kernels_compile_for_sm90_without_a_gpu():
             done, total = fields["cp16"].split("/")
             assert done == total and int(total) > 0, line
             assert fields.get("stack", "0") == "0", line
-
-
-def test_tile_in_page_needs_a_page_multiple_of_the_tile_and_32_bit_row_offsets():
-    from flashdecode.attention.kernels.launch import tile_in_page
-
-    pages = torch.empty(2, 128, 4, 64)
-    assert tile_in_page(128, 64, pages, pages)
-    assert not tile_in_page(96, 64, pages, pages)
-    wide = torch.empty_strided((2, 128, 4, 64), (0, 2**26, 64, 1), device="meta")  # rows 2^26 elements apart
-    assert not tile_in_page(128, 64, pages, wide) and tile_in_page(128, 16, pages, wide)

@@ -111,12 +111,11 @@ def cap_stages(cfg: TileConfig, max_keys: int, splits: int) -> TileConfig:
 # Gather mode of paged K/V: "row" looks up the block table once per key slot (any page size);
 # "page" reads the BLOCK_N // page_size entries of a key tile once and repeats each for the slots
 # of its page, with the in-page slot a constant mask (page size a compile-time power of two below
-# BLOCK_N). Both read the same addresses with the same floating-point code. NOT YET MEASURED ON A
-# GPU. Compiled for sm_90 without a GPU (triton 3.6, as on the H200 runs, and 3.9), "page" was
-# leaner in every kernel variant compiled: the unmasked decode loop (bf16, D=128, BLOCK_N=64,
-# 4 warps, page 16) has 354 vs 797 SASS instructions per key tile (the contiguous cache's loop
-# has 421), 187 vs 232 registers, no integer division, and the same 16-byte cp.async K/V loads,
-# pipeline depth (2 copy groups in flight) and shared memory. Hence on by default;
+# BLOCK_N). Both read the same addresses with the same floating-point code. Compiled for sm_90,
+# the unmasked "page" loop (bf16, D=128, BLOCK_N=64, 4 warps, page 16) has 354 vs 797 SASS
+# instructions per key tile, no integer division, and the same 16-byte cp.async loads. On an
+# H200 (2026-11-28) "page" was 0.94-1.02x the contiguous cache on six decode shapes where "row"
+# was 1.17-1.58x (run 5), and 0.80-1.04x on all eleven decode shapes of the benchmark (run 15).
 # FLASHDECODE_PAGED_GATHER=row (launch.py) restores the per-slot lookup.
 PAGED_GATHER_MODES = ("row", "page")
 PAGED_GATHER_DEFAULT = "page"

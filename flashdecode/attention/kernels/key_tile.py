@@ -31,9 +31,10 @@ def page_ids(
         pidx = start // GATHER_PAGE + tl.arange(0, NP)
         pg = tl.load(BT_ROW + pidx, mask=pidx < max_pages, other=-1)
         page = tl.reshape(tl.broadcast_to(pg[:, None], (NP, GATHER_PAGE)), (BLOCK_N,))
-    elif TILE_IN_PAGE:  # one page for the whole tile: a scalar
+    elif TILE_IN_PAGE:  # one page for the whole tile: one lookup, repeated for every slot
         pidx = start // page_size
         page = tl.load(BT_ROW + pidx, mask=pidx < max_pages, other=-1)
+        page = page + tl.zeros([BLOCK_N], dtype=tl.int32)
     else:
         pidx = (start + tl.arange(0, BLOCK_N)) // page_size
         page = tl.load(BT_ROW + pidx, mask=pidx < max_pages, other=-1)
@@ -86,29 +87,21 @@ def key_tile(
     """
     offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_P2)
-    if TILE_IN_PAGE:  # page is the tile's one page id (a scalar); the flag is still kept per row
-        page_rows = page + tl.zeros([BLOCK_N], dtype=tl.int32)
-        row_ok = (page_rows >= 0) & (page_rows < num_pages)
+    # Per-row page arithmetic for every layout. (A variant with one 64-bit base per tile and 32-bit
+    # row offsets for TILE_IN_PAGE, commit 6e33e80, had fewer instructions but more registers and
+    # made the contiguous cache slower on an H200, run 15: B=8 L=8192 32/8 heads 96.5 us against
+    # 80.4 us in run 4 and 77.3 us for the paged cache in the same run. Reverted.)
+    row_ok = (page >= 0) & (page < num_pages)
+    if GATHER_PAGE > 0:
+        # start is a multiple of BLOCK_N, hence of the page: the in-page slot is fixed per row.
+        in_page = (tl.arange(0, BLOCK_N) & (GATHER_PAGE - 1)).to(tl.int64)
+    elif TILE_IN_PAGE:
+        in_page = ((start % page_size) + tl.arange(0, BLOCK_N)).to(tl.int64)
     else:
-        row_ok = (page >= 0) & (page < num_pages)
+        in_page = (offs_n % page_size).to(tl.int64)
     page64 = page.to(tl.int64)
-    if TILE_IN_PAGE:
-        # The tile's rows are consecutive slots of one page: one scalar base per tile, then the
-        # same row offsets every tile (no per-row page arithmetic).
-        first_slot = (start % page_size).to(tl.int64)
-        rows = tl.arange(0, BLOCK_N)
-        k_tile = K_BASE + (page64 * stride_kp + first_slot * stride_ks)
-        v_tile = V_BASE + (page64 * stride_vp + first_slot * stride_vs)
-        k_ptrs = k_tile + (rows * stride_ks)[:, None] + offs_d[None, :] * stride_kd
-        v_ptrs = v_tile + (rows * stride_vs)[:, None] + offs_d[None, :] * stride_vd
-    else:
-        if GATHER_PAGE > 0:
-            # start is a multiple of BLOCK_N, hence of the page: the in-page slot is fixed per row.
-            in_page = (tl.arange(0, BLOCK_N) & (GATHER_PAGE - 1)).to(tl.int64)
-        else:
-            in_page = (offs_n % page_size).to(tl.int64)
-        k_ptrs = K_BASE + (page64 * stride_kp + in_page * stride_ks)[:, None] + offs_d[None, :] * stride_kd
-        v_ptrs = V_BASE + (page64 * stride_vp + in_page * stride_vs)[:, None] + offs_d[None, :] * stride_vd
+    k_ptrs = K_BASE + (page64 * stride_kp + in_page * stride_ks)[:, None] + offs_d[None, :] * stride_kd
+    v_ptrs = V_BASE + (page64 * stride_vp + in_page * stride_vs)[:, None] + offs_d[None, :] * stride_vd
     if MASKED:
         key_ok = row_ok & (offs_n >= kv_lo) & (offs_n < kv_hi)
     else:

@@ -69,13 +69,6 @@ def _plan(p: PackedProblem) -> tuple[heuristics.TileConfig, int, int]:
     return heuristics.cap_stages(cfg, capacity, splits), n_m_tiles, splits
 
 
-def tile_in_page(page_size: int, block_n: int, k_pages: torch.Tensor, v_pages: torch.Tensor) -> bool:
-    """Whether every key tile lies in one page (pages a multiple of the tile) and the kernel may
-    address its rows with 32-bit offsets from one 64-bit tile base."""
-    widest = max(abs(k_pages.stride(1)), abs(v_pages.stride(1))) * block_n
-    return page_size % block_n == 0 and widest < 2**31
-
-
 def env_flag(name: str, default: str) -> bool:
     """An on/off knob read from the environment: ``0``/``off`` or ``1``/``on``, else ValueError."""
     value = os.environ.get(name, default).strip().lower()
@@ -208,7 +201,7 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bo
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         SPLIT=splits > 1,
-        TILE_IN_PAGE=tile_in_page(page_size, cfg.block_n, kc, vc),
+        TILE_IN_PAGE=page_size % cfg.block_n == 0,
         GATHER_PAGE=heuristics.gather_page(page_size, cfg.block_n, paged_gather_mode()),
         HAS_WINDOW_LEFT=p.window_left >= 0,
         HAS_WINDOW_RIGHT=p.window_right >= 0,

@@ -22,6 +22,7 @@ Usage: python scripts/tune_decode.py [--quick] [--paged-variants] [--heuristic-o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -65,6 +66,23 @@ def make_inputs(b, l, hq, hk, d, paged, page=16):
     v = torch.randn_like(k)
     table = torch.randperm(n, device=dev).to(torch.int32).reshape(b, pages_per_seq)
     return dict(q=q, k_cache=k, v_cache=v, cache_seqlens=seqlens, block_table=table)
+
+
+@contextlib.contextmanager
+def env_set(name: str, value: str | None):
+    """``os.environ[name] = value`` (None: unset) inside the block, restored after it."""
+    before = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def time_graph(fn, calls=10, reps=15) -> float:
@@ -121,19 +139,10 @@ def main() -> int:
         inputs = make_inputs(b, l, hq, hk, d, paged)
         modes = ("row", "page") if paged and args.paged_variants else (env_before,)
         for mode in modes:
-            if mode is None:
-                os.environ.pop(launch.PAGED_GATHER_ENV, None)
-            else:
-                os.environ[launch.PAGED_GATHER_ENV] = mode
-            try:
+            with env_set(launch.PAGED_GATHER_ENV, mode):
                 layout = "contig" if not paged else f"paged16-{mode or heuristics.PAGED_GATHER_DEFAULT}"
                 summary[((b, l, hq, hk, d), layout)] = sweep_shape(args, inputs, (b, l, hq, hk, d), paged, layout,
                                                                    original, sms, results)
-            finally:
-                if env_before is None:
-                    os.environ.pop(launch.PAGED_GATHER_ENV, None)
-                else:
-                    os.environ[launch.PAGED_GATHER_ENV] = env_before
         del inputs
         torch.cuda.empty_cache()
     if args.paged_variants:
@@ -175,26 +184,19 @@ def engine_inputs(b, hq, hk, d, keys=640, capacity=2048, page=16):
 def engine_variants() -> list[dict]:
     """The engine's decode call: split counts x fused append, us per call."""
     print("\nengine decode call (paged 16, 2048-slot table, 640 keys + 1 appended, rotary), us", flush=True)
-    before = os.environ.get(launch.FUSED_APPEND_ENV)
     rows = []
-    try:
-        for b, hq, hk, d in ENGINE_SHAPES:
-            inputs = engine_inputs(b, hq, hk, d)
-            line = []
-            for splits in (0, 1, 2, 4, 8):
-                for fa in ("0", "1"):
-                    os.environ[launch.FUSED_APPEND_ENV] = fa
+    for b, hq, hk, d in ENGINE_SHAPES:
+        inputs = engine_inputs(b, hq, hk, d)
+        line = []
+        for splits in (0, 1, 2, 4, 8):
+            for fa in ("0", "1"):
+                with env_set(launch.FUSED_APPEND_ENV, fa):
                     us = time_graph(lambda: flash_attn_with_kvcache(**inputs, num_splits=splits))
-                    rows.append(dict(engine_shape=[b, hq, hk, d], splits=splits, fused_append=fa == "1", us=us))
-                    line.append(f"s{splits or 'H'}/append-{'fused' if fa == '1' else 'kernel'} {us:5.1f}")
-            print(f"B={b} {hq}/{hk} D={d}: " + " | ".join(line), flush=True)
-            inputs = None
-            torch.cuda.empty_cache()
-    finally:
-        if before is None:
-            os.environ.pop(launch.FUSED_APPEND_ENV, None)
-        else:
-            os.environ[launch.FUSED_APPEND_ENV] = before
+                rows.append(dict(engine_shape=[b, hq, hk, d], splits=splits, fused_append=fa == "1", us=us))
+                line.append(f"s{splits or 'H'}/append-{'fused' if fa == '1' else 'kernel'} {us:5.1f}")
+        print(f"B={b} {hq}/{hk} D={d}: " + " | ".join(line), flush=True)
+        inputs = None
+        torch.cuda.empty_cache()
     return rows
 
 

@@ -29,12 +29,10 @@ import triton
 import triton.language as tl
 
 from flashdecode.attention.kernels.append import load_new_rows, locate_new_rows, store_new_rows
+from flashdecode.attention.kernels.constants import LN2, LOG2E
 from flashdecode.attention.kernels.key_tile import attend, key_tile, page_ids
 from flashdecode.attention.kernels.rotary import load_rotated
 from flashdecode.attention.kernels.rounding import cast_to
-
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit

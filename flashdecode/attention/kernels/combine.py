@@ -5,9 +5,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from flashdecode.attention.kernels.constants import LN2
 from flashdecode.attention.kernels.rounding import cast_to
-
-LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit

@@ -9,9 +9,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from flashdecode.attention.kernels.constants import LOG2E
 from flashdecode.attention.kernels.rounding import cast_to
-
-LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit

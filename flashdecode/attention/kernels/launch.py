@@ -87,8 +87,8 @@ def attention_pdl(device: torch.device) -> bool:
     """Launch the attention and combine kernels with programmatic dependent launch on sm90+ CUDA
     devices, unless ``FLASHDECODE_ATTENTION_PDL=0`` (read on every call). Each waits for the
     previous kernel before its first load, so only the launches overlap. On an H200 (2026-11-28,
-    batch-1 decode with every projection on the GEMV, same run) SmolLM2-135M went from 1591 to
-    1654 tok/s and Llama-3-8B from 219.5 to 220.4."""
+    run 16, batch-1 decode, same run) it took SmolLM2-135M from 1440 to 1666 tok/s and Llama-3-8B
+    from 235.4 to 238.4. Not A/B-tested at larger batches."""
     return env_flag(ATTENTION_PDL_ENV, "1") and pdl_supported(device)
 
 

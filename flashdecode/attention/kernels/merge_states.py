@@ -5,10 +5,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from flashdecode.attention.kernels.constants import LN2, LOG2E
 from flashdecode.attention.kernels.rounding import cast_to
-
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit

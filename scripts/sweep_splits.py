@@ -1,0 +1,193 @@
+"""Split-count and tile sweep on the kernel benchmark's decode shapes, cold L2, cuDNN in the same run.
+
+For each shape (the benchmark's decode grid and its append step, or those ``--shapes`` selects):
+
+1. the heuristic's tile config at every split count of ``--splits`` (the heuristic's own count
+   added), to see where the wave count and the combine cost put the optimum;
+2. tile variants (block_n x num_warps x num_stages) at the two best split counts of step 1;
+3. SDPA with the cuDNN backend, the best peer of run 15, on the same inputs.
+
+Inputs come from the benchmark (`flashdecode.bench.peers.make_problems`), copied until a rotation
+spans several L2 sizes, and are timed with the benchmark's graph timer, so figures compare with
+`flashdecode bench`. The compiled attention kernels' registers and shared memory are printed with
+the programs per SM they allow. GPU only.
+
+Usage: python scripts/sweep_splits.py [--shapes decode append] [--paged] [--budget 300] [--out sweep.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flashdecode.attention import heuristics  # noqa: E402
+from flashdecode.attention.kernels import launch  # noqa: E402
+from flashdecode.attention.kernels.attention import attention_split_kernel  # noqa: E402
+from flashdecode.bench import peers, shapes, timing  # noqa: E402
+
+SPLITS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
+REGS_PER_SM = 65536
+SMEM_PER_SM = 228 * 1024
+
+
+def time_us(fn, states) -> float:
+    t = timing.measure_cuda(fn, states, timer="graph", min_time_s=0.05, max_reps=50, quick=True)
+    return t.median_us
+
+
+def kernel_resources() -> list[dict]:
+    """Registers, spills and shared memory of every compiled attention kernel (best effort: the
+    cache layout is Triton's)."""
+    rows = []
+    try:
+        caches = attention_split_kernel.device_caches
+    except AttributeError:
+        return rows
+    for entry in caches.values():
+        kernel_cache = entry[0] if isinstance(entry, tuple) else entry
+        for kern in kernel_cache.values():
+            md = getattr(kern, "metadata", None)
+            warps = getattr(md, "num_warps", 4)
+            regs = getattr(kern, "n_regs", 0)
+            shared = getattr(md, "shared", 0)
+            per_sm_regs = REGS_PER_SM // max(1, ((regs + 7) // 8 * 8) * 32 * warps) if regs else None
+            per_sm_smem = SMEM_PER_SM // max(1, shared + 1024)
+            rows.append(dict(regs=regs, spills=getattr(kern, "n_spills", None), shared=shared, warps=warps,
+                             stages=getattr(md, "num_stages", None),
+                             per_sm=min(per_sm_smem, per_sm_regs) if per_sm_regs is not None else per_sm_smem))
+    return rows
+
+
+def cudnn_us(built_states) -> float | None:
+    peer = peers.SDPACudnn()
+    try:
+        built = peer.build(built_states)[0]
+        if isinstance(built, str):
+            return None
+        return time_us(built.fn, built.states)
+    except Exception as exc:  # a peer that cannot run says so, the sweep goes on
+        print(f"  sdpa-cudnn: {type(exc).__name__}: {str(exc)[:80]}", flush=True)
+        return None
+
+
+def sweep(shape: shapes.Shape, paged: bool, splits_list, deadline: float, sms: int, l2: int) -> list[dict]:
+    copies = timing.copies_needed(shape.kv_bytes(), l2)
+    problems = peers.make_problems(shape, "cuda", copies=copies)
+    impls = [peers.FlashdecodePaged() if paged else peers.FlashdecodeContiguous()]
+    if shape.kind == "append" and not paged:
+        impls.append(peers.FlashdecodeNoAppend())
+    rows = []
+    base = heuristics.choose_tiles(shape.head_dim, shape.elem_bytes, shape.seqlen_q * shape.group)
+    n_tiles = heuristics.cdiv(shape.seqlen, base.block_n)
+    h_splits = heuristics.choose_num_splits(0, shape.batch, shape.heads_kv, 1, shape.seqlen, base.block_n, sms)
+    original = heuristics.choose_tiles
+    for impl in impls:
+        built = impl.build(problems)[0]
+        label = f"{shape.name} {impl.name}"
+
+        def run(cfg: heuristics.TileConfig, splits: int) -> float | None:
+            heuristics.choose_tiles = lambda *a, _cfg=cfg: _cfg
+            fn = built.fn
+
+            def call(p, _s=splits):
+                return launch_with_splits(fn, p, _s)
+            try:
+                return time_us(call, built.states)
+            except Exception as exc:  # out of shared memory, etc.
+                print(f"  {cfg} s={splits}: {type(exc).__name__}", flush=True)
+                return None
+            finally:
+                heuristics.choose_tiles = original
+
+        by_split = {}
+        for s in sorted({*(x for x in splits_list if x <= n_tiles), h_splits}):
+            if time.time() > deadline:
+                break
+            us = run(base, s)
+            if us is not None:
+                by_split[s] = us
+                rows.append(dict(shape=shape.name, impl=impl.name, block_n=base.block_n, warps=base.num_warps,
+                                 stages=base.num_stages, splits=s, us=us, heuristic=s == h_splits))
+        if not by_split:
+            continue
+        line = " ".join(f"s{s}:{us:.1f}" for s, us in sorted(by_split.items()))
+        print(f"{label}: splits sweep (bn={base.block_n} w={base.num_warps} st={base.num_stages}), us: {line}",
+              flush=True)
+        best_splits = sorted(by_split, key=by_split.get)[:2]
+        block_ns = (16, 32, 64) if shape.head_dim > 128 else (32, 64, 128)
+        for bn, warps, stages, s in itertools.product(block_ns, (4, 8), (2, 3, 4), best_splits):
+            if time.time() > deadline:
+                break
+            if (bn, warps, stages) == (base.block_n, base.num_warps, base.num_stages):
+                continue
+            cfg = heuristics.TileConfig(block_m=base.block_m, block_n=bn, num_warps=warps, num_stages=stages)
+            us = run(cfg, min(s, heuristics.cdiv(shape.seqlen, bn)))
+            if us is not None:
+                rows.append(dict(shape=shape.name, impl=impl.name, block_n=bn, warps=warps, stages=stages, splits=s,
+                                 us=us, heuristic=False))
+        mine = [r for r in rows if r["impl"] == impl.name]
+        best = min(mine, key=lambda r: r["us"])
+        h = by_split.get(h_splits)
+        print(f"{label}: heuristic s={h_splits} {h if h is None else round(h, 1)} us | best {best['us']:.1f} us "
+              f"(bn={best['block_n']} w={best['warps']} st={best['stages']} s={best['splits']})", flush=True)
+    if shape.kind == "decode" and not paged:
+        c = cudnn_us(problems)
+        if c is not None:
+            rows.append(dict(shape=shape.name, impl="sdpa-cudnn", us=c))
+            print(f"{shape.name} sdpa-cudnn: {c:.1f} us", flush=True)
+    for r in kernel_resources():
+        print(f"  kernel: {r}", flush=True)
+    return rows
+
+
+def launch_with_splits(fn, p, splits: int):
+    """Calls the benchmark's flashdecode callable with ``num_splits`` forced (via the launcher)."""
+    original = heuristics.choose_num_splits
+
+    def forced(requested, *a, **k):
+        return original(splits if requested == 0 else requested, *a, **k)
+    heuristics.choose_num_splits = forced
+    try:
+        return fn(p)
+    finally:
+        heuristics.choose_num_splits = original
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", nargs="*", default=["decode", "append"])
+    ap.add_argument("--splits", type=int, nargs="*", default=list(SPLITS))
+    ap.add_argument("--paged", action="store_true", help="also sweep the paged (page 16) cache")
+    ap.add_argument("--budget", type=float, default=300.0, help="seconds for the whole sweep")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    selected = [s for s in shapes.select(shapes.full_grid(), args.shapes) if s.kind in ("decode", "append")]
+    sms = launch.num_sms(torch.device("cuda"))
+    l2 = timing.l2_bytes("cuda")
+    start = time.time()
+    rows = []
+    layouts = (False, True) if args.paged else (False,)
+    jobs = [(s, p) for s in selected for p in layouts]
+    for i, (shape, paged) in enumerate(jobs):
+        left = args.budget - (time.time() - start)
+        if left <= 0:
+            print("budget spent; stopping", flush=True)
+            break
+        deadline = time.time() + left / (len(jobs) - i)
+        rows.extend(sweep(shape, paged, args.splits, deadline, sms, l2))
+        torch.cuda.empty_cache()
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -87,9 +87,14 @@ def sweep(shape: shapes.Shape, paged: bool, splits_list, deadline: float, sms: i
     rows = []
     base = heuristics.choose_tiles(shape.head_dim, shape.elem_bytes, shape.seqlen_q * shape.group)
     n_tiles = heuristics.cdiv(shape.seqlen, base.block_n)
-    h_splits = heuristics.choose_num_splits(0, shape.batch, shape.heads_kv, 1, shape.seqlen, base.block_n, sms)
     original = heuristics.choose_tiles
     for impl in impls:
+        fused_append = shape.kind == "append" and impl.name != "flashdecode-noappend"
+        h_splits = heuristics.choose_num_splits(
+            0, shape.batch, shape.heads_kv, 1, shape.seqlen, base.block_n, sms,
+            resident_per_sm=heuristics.FUSED_APPEND_RESIDENT_PROGRAMS_PER_SM if fused_append
+            else heuristics.RESIDENT_PROGRAMS_PER_SM,
+        )
         built = impl.build(problems)[0]
         label = f"{shape.name} {impl.name}"
 

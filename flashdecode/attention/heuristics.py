@@ -18,15 +18,26 @@ MIN_TILES_PER_SPLIT = 2
 # Shared memory we allow one program to use (H100/H200 have 227 KiB per SM; leave room for two
 # programs per SM at decode tile sizes).
 SMEM_BUDGET_BYTES = 160 * 1024
-# Decode is bound by memory latency as much as bandwidth: one program per SM cannot keep enough
-# loads in flight. Measured on an H200 (2026-11-28, bf16): unsplit grids of ~1 program per SM
-# reached 58-87% of the read ceiling, grids of 2-8 programs per SM 94-102%; a sweep over split
-# counts put the optimum of small grids near 2 programs per SM (4 per SM was 10-50% slower: the
-# partial results and the combine cost more than the extra loads in flight bring), and splitting a
-# grid of 1.45 programs per SM (64 x 9/3 heads) made it slower. So a grid smaller than
-# MIN_PROGRAMS_PER_SM * SMs is split until it has about TARGET_PROGRAMS_PER_SM * SMs programs.
-MIN_PROGRAMS_PER_SM = 1.25
+# Decode is bound by memory latency as much as bandwidth: a grid of one program per SM cannot keep
+# enough loads in flight. A split sweep on an H200 (2026-11-28, bf16, cold L2, run 17,
+# scripts/sweep_splits.py) put the optimum of every grid below 2 programs per SM at the largest
+# split count that stays within TARGET_PROGRAMS_PER_SM programs per SM: B=8 L=8192 32/8 heads 75.6 us
+# at 4 splits (256 programs) against 79.7 at 5 (320); MQA B=32 L=8192 52.2 us at 8 splits against 61.2
+# at 9 (288); B=16 L=8192 16/8 heads D=256 at 2 splits (256) against 3 (384, 1.25x slower). Past the
+# target a grid is one uneven wave of up to RESIDENT_PROGRAMS_PER_SM programs per SM, and it was slow.
 TARGET_PROGRAMS_PER_SM = 2
+# Programs of the decode kernel (bf16, D <= 128, 4 warps) one SM holds at once: 128 registers per
+# thread and 38 KiB of shared memory allow 4 (Triton 3.6, sm_90). A grid of more than
+# TARGET_PROGRAMS_PER_SM but at most this many programs per SM runs as one wave in which some SMs hold
+# one program more than others, and every program streams for the whole kernel: 512 programs of
+# 4096 keys took 293-295 us, 1.13x the time of the same work split 3-4 ways (1536-2048 programs,
+# several waves that balance themselves), and B=64 L=16384 took 1018 us at 2 splits, 969 at 4
+# (run 17). Such grids are split into about BALANCED_WAVES waves.
+RESIDENT_PROGRAMS_PER_SM = 4
+# The attention kernel with the fused append holds more registers: 2 programs per SM, so 512
+# programs are two even waves, and 1 split was its fastest (258.9 us against 280.7 at 4, run 17).
+FUSED_APPEND_RESIDENT_PROGRAMS_PER_SM = 2
+BALANCED_WAVES = 3
 # With a full grid, decode programs still split caches longer than this: in a ragged batch the
 # longest sequences would otherwise run alone at the end. The partial results cost
 # ~8 * splits * H * D bytes per query row, nothing next to reading 8K keys.
@@ -83,7 +94,12 @@ def choose_tiles(head_dim: int, elem_bytes: int, rows_per_seq: int) -> TileConfi
         block_m = min(block_m, 64)
         block_n = max(16, block_n // 2)
         num_warps = 4
-    num_stages = 4 if d <= 64 else 3 if d <= 128 else 2
+    if rows <= 64:
+        # 3 stages for every head dim: on an H200 (run 17) D=64 took 36.6 us at 3 stages against 39.1
+        # at 4 (B=64 L=2048 9/3 heads), and D=256 253.2 us at 3 against 285.7 at 2 (B=16 L=8192 16/8).
+        num_stages = 3
+    else:
+        num_stages = 4 if d <= 64 else 3 if d <= 128 else 2
 
     def smem(stages: int, bn: int) -> int:
         return block_m * d * elem_bytes + stages * 2 * bn * d * elem_bytes
@@ -156,6 +172,7 @@ def choose_num_splits(
     block_n: int,
     num_sms: int,
     max_splits: int = MAX_SPLITS,
+    resident_per_sm: int = RESIDENT_PROGRAMS_PER_SM,
 ) -> int:
     """How many programs share one sequence's keys (split-KV, "flash-decoding").
 
@@ -163,11 +180,15 @@ def choose_num_splits(
     the number of key tiles, as more splits would be empty), 0 asks for the heuristic.
     ``max_keys`` is the largest number of keys a sequence can have (the cache capacity in slots,
     or a known bound on the lengths); the result depends only on shapes and the SM count.
+    ``resident_per_sm`` is how many programs of the kernel one SM holds at once.
 
-    The heuristic: a grid of at least ``MIN_PROGRAMS_PER_SM`` programs per SM is not split, but
-    for decode-sized tiles over caches longer than ``LONG_SPLIT_KEYS`` (load balance of ragged
-    batches); a smaller grid is split until it has about ``TARGET_PROGRAMS_PER_SM`` programs per
-    SM, each split keeping at least ``MIN_TILES_PER_SPLIT`` key tiles.
+    The heuristic, with P the programs of an unsplit grid and S the SMs (each split keeps at least
+    ``MIN_TILES_PER_SPLIT`` key tiles):
+
+    * P < TARGET * S: the most splits that keep the grid within ``TARGET_PROGRAMS_PER_SM`` per SM;
+    * decode tiles, TARGET * S <= P <= resident * S (one uneven wave): about ``BALANCED_WAVES`` waves;
+    * otherwise decode tiles split caches longer than ``LONG_SPLIT_KEYS`` (ragged batches), and
+      prefill tiles are not split.
     """
     if requested < 0:
         raise ValueError(f"num_splits must be >= 0, got {requested}")
@@ -178,12 +199,14 @@ def choose_num_splits(
     num_sms = max(1, num_sms)
     if num_sms == 1:
         return 1  # the CPU interpreter: no parallelism to gain
-    if programs >= MIN_PROGRAMS_PER_SM * num_sms:
-        if num_m_tiles == 1:
-            return max(1, min(max_splits, cdiv(max_keys, LONG_SPLIT_KEYS), n_tiles // MIN_TILES_PER_SPLIT))
+    most = max(1, min(max_splits, n_tiles // MIN_TILES_PER_SPLIT))
+    if programs < TARGET_PROGRAMS_PER_SM * num_sms:
+        return max(1, min(most, (TARGET_PROGRAMS_PER_SM * num_sms) // programs))
+    if num_m_tiles > 1:
         return 1
-    wanted = cdiv(TARGET_PROGRAMS_PER_SM * num_sms, programs)
-    return max(1, min(max_splits, n_tiles // MIN_TILES_PER_SPLIT, wanted))
+    if programs <= resident_per_sm * num_sms:
+        return max(1, min(most, cdiv(BALANCED_WAVES * resident_per_sm * num_sms, programs)))
+    return max(1, min(most, cdiv(max_keys, LONG_SPLIT_KEYS)))
 
 
 def combine_block_h(num_heads: int, head_dim: int) -> int:

@@ -55,16 +55,19 @@ def num_sms(device: torch.device) -> int:
     return _num_sms(device.type, device.index)
 
 
-def _plan(p: PackedProblem) -> tuple[heuristics.TileConfig, int, int]:
-    """Tile config, number of query tiles and split count for ``p`` (shapes only)."""
+def _plan(p: PackedProblem, append: bool = False) -> tuple[heuristics.TileConfig, int, int]:
+    """Tile config, number of query tiles and split count for ``p`` (shapes only); ``append``: the
+    kernel variant with the fused append, which holds fewer programs per SM."""
     _, num_heads, head_dim = p.q.shape
     num_kv_heads = p.k_pages.shape[2]
     group = num_heads // num_kv_heads
     cfg = heuristics.choose_tiles(head_dim, p.q.element_size(), max(1, p.max_seqlen_q) * group)
     n_m_tiles = heuristics.num_query_tiles(p.max_seqlen_q, group, cfg.block_m)
     capacity = p.block_table.shape[1] * p.page_size
+    resident = heuristics.FUSED_APPEND_RESIDENT_PROGRAMS_PER_SM if append else heuristics.RESIDENT_PROGRAMS_PER_SM
     splits = heuristics.choose_num_splits(
-        p.num_splits, p.batch, num_kv_heads, n_m_tiles, capacity, cfg.block_n, num_sms(p.q.device)
+        p.num_splits, p.batch, num_kv_heads, n_m_tiles, capacity, cfg.block_n, num_sms(p.q.device),
+        resident_per_sm=resident,
     )
     return heuristics.cap_stages(cfg, capacity, splits), n_m_tiles, splits
 
@@ -155,7 +158,7 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bo
         return
     num_pages, page_size, num_kv_heads, _ = p.k_pages.shape
     group = num_heads // num_kv_heads
-    cfg, n_m_tiles, splits = _plan(p)
+    cfg, n_m_tiles, splits = _plan(p, append)
     d_p2 = heuristics.padded_head_dim(head_dim)
     q, kc, vc, bt = p.q, p.k_pages, p.v_pages, p.block_table
     cos, sin, stride_cos, seqlen_ro = _rotary_tables(p, q)

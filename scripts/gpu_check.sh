@@ -6,9 +6,15 @@
 #   QUICK=1 bash scripts/gpu_check.sh              # tests + --quick benchmark
 #   RUN_TESTS=0 BENCH_ARGS="--shapes decode" bash scripts/gpu_check.sh
 #
-# On an H200 (2026-11-28) the whole GPU test pass takes about 6.5 minutes (the kernel tests 4.5,
-# mostly compiling) and the full benchmark about 6, more than one 10-minute call: run
-# `RUN_BENCH=0 TEST_TIMEOUT=540 bash scripts/gpu_check.sh`, then `RUN_TESTS=0 bash scripts/gpu_check.sh`.
+# On an H200 (2026-11-28, runs 18-20) the whole GPU test pass took about 8.5 minutes (the kernel
+# tests 4.5, mostly compiling) and the full benchmark 3 (6 when FlashInfer compiles its kernels),
+# more than one 10-minute call. Run the benchmark alone (`RUN_TESTS=0 bash scripts/gpu_check.sh`)
+# and the tests in two calls, e.g.
+#   RUN_BENCH=0 TEST_TIMEOUT=540 TEST_PATHS="tests/test_bench.py tests/test_bench_e2e.py \
+#     tests/test_cache_allocator.py tests/test_contract.py" bash scripts/gpu_check.sh
+#   RUN_BENCH=0 TEST_TIMEOUT=540 TEST_PATHS="tests/test_engine_*.py tests/test_heuristics.py \
+#     tests/test_kernels.py tests/test_models_*.py tests/test_unchecked_values.py \
+#     tests/test_validation.py" bash scripts/gpu_check.sh
 #
 # Variables (all optional):
 #   PYTHON        interpreter (default python3)

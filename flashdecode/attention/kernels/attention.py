@@ -15,7 +15,9 @@ Paged K/V: a key tile finds the page of each slot in the block table. A page tha
 of the tile takes one entry per tile (``TILE_IN_PAGE``); a page that is a power of two below the
 tile (``GATHER_PAGE``, e.g. 16) takes the tile's few entries as one small vector, repeats each
 for its page's slots and uses a constant in-page slot per row; any other page size looks up each
-slot (a division by the runtime page size per slot). All read the same addresses.
+slot (a division by the runtime page size per slot). A table of one page per sequence (every
+contiguous cache: ``SINGLE_PAGE``) reads its one entry without waiting for the cache lengths. All
+read the same addresses.
 
 Fused append (``APPEND``, a few new keys per sequence): the kernel also writes the new keys and
 values into the cache, and reads them from the new-key tensors as one extra tile (see the kernel's
@@ -99,6 +101,7 @@ def attention_split_kernel(
     SPLIT: tl.constexpr,
     TILE_IN_PAGE: tl.constexpr,
     GATHER_PAGE: tl.constexpr,
+    SINGLE_PAGE: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr,
     HAS_WINDOW_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
@@ -255,14 +258,16 @@ def attention_split_kernel(
             lo, hi = full_lo, full_hi
         else:
             lo, hi = full_hi, s_hi
-        page = page_ids(BT_ROW, lo, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE)
+        page = page_ids(BT_ROW, lo, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE, SINGLE_PAGE)
         for start in range(lo, hi, BLOCK_N):
-            page_next = page_ids(BT_ROW, start + BLOCK_N, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE)
+            page_next = page_ids(
+                BT_ROW, start + BLOCK_N, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE, SINGLE_PAGE,
+            )
             acc, l_i, m_i = key_tile(
                 acc, l_i, m_i, q, start, page, K_BASE, V_BASE, num_pages, page_size,
                 stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
                 kv_lo, kv_hi_cache, rel_row, slope, qk_scale, softcap_log2, window_left, window_right,
-                HEAD_DIM, HEAD_DIM_P2, BLOCK_N, phase != 1, TILE_IN_PAGE, GATHER_PAGE,
+                HEAD_DIM, HEAD_DIM_P2, BLOCK_N, phase != 1, TILE_IN_PAGE, GATHER_PAGE, SINGLE_PAGE,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32,
             )
             page = page_next

@@ -15,9 +15,15 @@ from flashdecode.attention.kernels.rounding import cast_to
 
 @triton.jit
 def page_ids(
-    BT_ROW, start, max_pages, page_size, BLOCK_N: tl.constexpr, TILE_IN_PAGE: tl.constexpr, GATHER_PAGE: tl.constexpr
+    BT_ROW, start, max_pages, page_size, BLOCK_N: tl.constexpr, TILE_IN_PAGE: tl.constexpr, GATHER_PAGE: tl.constexpr,
+    SINGLE_PAGE: tl.constexpr,
 ):
     """Page id of each slot of the key tile at ``start`` (-1 past the block table).
+
+    ``SINGLE_PAGE`` (a table of one page per sequence, as every contiguous cache has): the entry's
+    address does not depend on ``start``, so its load needs no earlier load (the cache lengths) and
+    the K/V loads can start one memory round trip sooner. Every slot a key tile reads is then below
+    the capacity (the key loops stop there), hence in that page.
 
     ``GATHER_PAGE`` (a power of two that divides ``BLOCK_N``, or 0): the tile's
     ``BLOCK_N // GATHER_PAGE`` block-table entries are read once as a small vector and each one is
@@ -25,7 +31,9 @@ def page_ids(
     division by the runtime page size) per slot. ``start`` must then be a multiple of ``BLOCK_N``
     (every processed tile is).
     """
-    if GATHER_PAGE > 0:
+    if SINGLE_PAGE:
+        page = tl.load(BT_ROW) + tl.zeros([BLOCK_N], dtype=tl.int32)
+    elif GATHER_PAGE > 0:
         NP: tl.constexpr = BLOCK_N // GATHER_PAGE
         pidx = start // GATHER_PAGE + tl.arange(0, NP)
         pg = tl.load(BT_ROW + pidx, mask=pidx < max_pages, other=-1)
@@ -72,6 +80,7 @@ def key_tile(
     MASKED: tl.constexpr,
     TILE_IN_PAGE: tl.constexpr,
     GATHER_PAGE: tl.constexpr,
+    SINGLE_PAGE: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr,
     HAS_WINDOW_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
@@ -91,7 +100,9 @@ def key_tile(
     # made the contiguous cache slower on an H200, run 15: B=8 L=8192 32/8 heads 96.5 us against
     # 80.4 us in run 4 and 77.3 us for the paged cache in the same run. Reverted.)
     row_ok = (page >= 0) & (page < num_pages)
-    if GATHER_PAGE > 0:
+    if SINGLE_PAGE:
+        in_page = offs_n.to(tl.int64)  # one page from slot 0: the slot is the in-page slot
+    elif GATHER_PAGE > 0:
         # start is a multiple of BLOCK_N, hence of the page: the in-page slot is fixed per row.
         in_page = (tl.arange(0, BLOCK_N) & (GATHER_PAGE - 1)).to(tl.int64)
     elif TILE_IN_PAGE:

@@ -207,6 +207,7 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bo
         SPLIT=splits > 1,
         TILE_IN_PAGE=page_size % cfg.block_n == 0,
         GATHER_PAGE=heuristics.gather_page(page_size, cfg.block_n, paged_gather_mode()),
+        SINGLE_PAGE=bt.shape[1] == 1,
         HAS_WINDOW_LEFT=p.window_left >= 0,
         HAS_WINDOW_RIGHT=p.window_right >= 0,
         HAS_SOFTCAP=softcap > 0.0,

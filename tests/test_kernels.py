@@ -339,6 +339,25 @@ def test_paged_gather_modes_match_brute_force(page_size, windowed, device, monke
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("tile_elements", [None, 2 * 128])
+def test_combine_in_one_tile_and_in_chunks_match_brute_force(tile_elements, device, monkeypatch):
+    """The combine kernel loads every split's partial output at once when they fit
+    ``COMBINE_TILE_ELEMENTS``, else chunk by chunk (forced here: 2 splits per chunk of D=128)."""
+    launch = _launch()
+    spy = _KernelSpy(launch.combine_splits_kernel)
+    monkeypatch.setattr(launch, "combine_splits_kernel", spy)
+    if tile_elements is not None:
+        monkeypatch.setattr(launch, "COMBINE_TILE_ELEMENTS", tile_elements)
+    spec = SPECS[0]  # D=80 (padded to 128), three sequences of very different lengths
+    p = build(spec, device, seed=11)
+    want_out, want_lse, _, _ = brute_force(p)
+    out, lse, _, _ = run_triton(p, 5)
+    chunk, splits_p2 = spy.calls[-1]["SPLIT_CHUNK"], spy.calls[-1]["SPLITS_P2"]
+    assert (chunk < splits_p2) == (tile_elements is not None), (chunk, splits_p2)
+    assert_close_attention(out, lse, want_out, want_lse, spec.dtype, f"combine chunk={chunk}")
+
+
+@pytest.mark.interpreter
 def test_paged_gather_env_override_is_read_at_each_call(device, monkeypatch):
     """Unset follows the heuristic's default, ``row``/``page`` are honoured (same results), and an
     unknown value is refused."""

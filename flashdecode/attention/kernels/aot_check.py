@@ -130,6 +130,12 @@ def main() -> int:
         HEAD_DIM=128, HEAD_DIM_P2=128, BLOCK_T=16, ROTARY_DIM=64, INTERLEAVED=True))
     jobs["combine"] = lambda: _compile(combine_splits_kernel, dict(O_PART="*fp32", LSE_PART="*fp32", OUT="*bf16", LSE="*fp32"),
                                        dict(HEAD_DIM=128, HEAD_DIM_P2=128, SPLITS_P2=16, SPLIT_CHUNK=16, stride_od=1))
+    jobs["combine-64-splits"] = lambda: _compile(
+        combine_splits_kernel, dict(O_PART="*fp32", LSE_PART="*fp32", OUT="*bf16", LSE="*fp32"),
+        dict(HEAD_DIM=128, HEAD_DIM_P2=128, SPLITS_P2=64, SPLIT_CHUNK=64, stride_od=1))
+    jobs["combine-chunked"] = lambda: _compile(
+        combine_splits_kernel, dict(O_PART="*fp32", LSE_PART="*fp32", OUT="*bf16", LSE="*fp32"),
+        dict(HEAD_DIM=128, HEAD_DIM_P2=128, SPLITS_P2=128, SPLIT_CHUNK=64, stride_od=1))
     jobs["combine-pdl"] = lambda: _compile(combine_splits_kernel, dict(O_PART="*fp32", LSE_PART="*fp32", OUT="*bf16",
                                                                        LSE="*fp32"),
                                            dict(HEAD_DIM=128, HEAD_DIM_P2=128, SPLITS_P2=16, SPLIT_CHUNK=16, stride_od=1,

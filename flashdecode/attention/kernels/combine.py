@@ -1,4 +1,8 @@
-"""Merge split-KV partial results by their log-sum-exp (second pass of flash-decoding)."""
+"""Merge split-KV partial results by their log-sum-exp (second pass of flash-decoding).
+
+Up to ``COMBINE_TILE_ELEMENTS`` (launch.py) partial-output elements per row load in one go with the
+LSEs; more splits are read chunk by chunk.
+"""
 
 from __future__ import annotations
 
@@ -47,25 +51,36 @@ def combine_splits_kernel(
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     l_row = LSE_PART + t * stride_lt + h * stride_lh
+    o_row = O_PART + t * stride_pt + h * stride_ph
+    offs_d = tl.arange(0, HEAD_DIM_P2)
+    d_ok = offs_d < HEAD_DIM
     offs_s = tl.arange(0, SPLITS_P2)
-    lse = tl.load(l_row + offs_s.to(tl.int64) * stride_ls, mask=offs_s < num_splits, other=float("-inf"))
+    s_ok = offs_s < num_splits
+    lse = tl.load(l_row + offs_s.to(tl.int64) * stride_ls, mask=s_ok, other=float("-inf"))
+    if SPLIT_CHUNK >= SPLITS_P2:
+        # Every split in one tile: the partial outputs load together with the LSEs (their
+        # addresses do not depend on them), one memory round trip instead of two.
+        o = tl.load(o_row + offs_s.to(tl.int64)[:, None] * stride_ps + offs_d[None, :],
+                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
     denom = tl.sum(tl.exp2(lse - m), 0)
 
-    offs_c = tl.arange(0, SPLIT_CHUNK)
-    offs_d = tl.arange(0, HEAD_DIM_P2)
-    d_ok = offs_d < HEAD_DIM
-    o_row = O_PART + t * stride_pt + h * stride_ph
-    acc = tl.zeros([HEAD_DIM_P2], dtype=tl.float32)
-    for s0 in range(0, num_splits, SPLIT_CHUNK):
-        s = s0 + offs_c
-        s_ok = s < num_splits
-        s64 = s.to(tl.int64)
-        w = tl.exp2(tl.load(l_row + s64 * stride_ls, mask=s_ok, other=float("-inf")) - m)
-        o = tl.load(o_row + s64[:, None] * stride_ps + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    if SPLIT_CHUNK >= SPLITS_P2:
+        w = tl.exp2(lse - m)
         # An empty split has w == 0; `where` also keeps it from spreading a stray NaN.
-        acc += tl.sum(tl.where((w > 0.0)[:, None], w[:, None] * o, 0.0), 0)
+        acc = tl.sum(tl.where((w > 0.0)[:, None], w[:, None] * o, 0.0), 0)
+    else:
+        offs_c = tl.arange(0, SPLIT_CHUNK)
+        acc = tl.zeros([HEAD_DIM_P2], dtype=tl.float32)
+        for s0 in range(0, num_splits, SPLIT_CHUNK):
+            s = s0 + offs_c
+            c_ok = s < num_splits
+            s64 = s.to(tl.int64)
+            w = tl.exp2(tl.load(l_row + s64 * stride_ls, mask=c_ok, other=float("-inf")) - m)
+            o = tl.load(o_row + s64[:, None] * stride_ps + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            acc += tl.sum(tl.where((w > 0.0)[:, None], w[:, None] * o, 0.0), 0)
 
     has_key = denom > 0.0
     out = acc / tl.where(has_key, denom, 1.0)

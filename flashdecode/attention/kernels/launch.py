@@ -40,6 +40,9 @@ ATTENTION_PDL_ENV = "FLASHDECODE_ATTENTION_PDL"
 APPEND_BLOCK_T = 16
 # Up to this many new keys per sequence, the attention kernel appends them itself (no append kernel).
 FUSED_APPEND_ROWS = 16
+# Partial-output elements the combine kernel loads at once (64 float32 registers per thread at 4
+# warps): up to 64 splits of D=128 in one load, issued together with the LSEs.
+COMBINE_TILE_ELEMENTS = 8192
 
 
 @functools.lru_cache(maxsize=None)
@@ -235,7 +238,7 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bo
             HEAD_DIM=head_dim,
             HEAD_DIM_P2=d_p2,
             SPLITS_P2=splits_p2,
-            SPLIT_CHUNK=min(splits_p2, max(1, 4096 // d_p2)),
+            SPLIT_CHUNK=min(splits_p2, max(1, COMBINE_TILE_ELEMENTS // d_p2)),
             USE_PDL=pdl,
             num_warps=4,
             **pdl_launch,

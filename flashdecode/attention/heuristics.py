@@ -27,15 +27,16 @@ SMEM_BUDGET_BYTES = 160 * 1024
 # target a grid is one uneven wave of up to RESIDENT_PROGRAMS_PER_SM programs per SM, and it was slow.
 TARGET_PROGRAMS_PER_SM = 2
 # Programs of the decode kernel (bf16, D <= 128, 4 warps) one SM holds at once: 128 registers per
-# thread and 38 KiB of shared memory allow 4 (Triton 3.6, sm_90). A grid of more than
+# thread and 37 KiB of shared memory allow 4 (Triton 3.6, sm_90). A grid of more than
 # TARGET_PROGRAMS_PER_SM but at most this many programs per SM runs as one wave in which some SMs hold
 # one program more than others, and every program streams for the whole kernel: 512 programs of
-# 4096 keys took 293-295 us, 1.13x the time of the same work split 3-4 ways (1536-2048 programs,
+# 4096 keys took 293-295 us, 1.12-1.13x the time of the same work split 3-4 ways (1536-2048 programs,
 # several waves that balance themselves), and B=64 L=16384 took 1018 us at 2 splits, 969 at 4
 # (run 17). Such grids are split into about BALANCED_WAVES waves.
 RESIDENT_PROGRAMS_PER_SM = 4
-# The attention kernel with the fused append holds more registers: 2 programs per SM, so 512
-# programs are two even waves, and 1 split was its fastest (258.9 us against 280.7 at 4, run 17).
+# The attention kernel with the fused append holds more registers (230 per thread compiled for
+# sm_90 by Triton 3.9: 2 programs per SM), so 512 programs are two even waves, and 1 split was its
+# fastest (258.9 us against 280.7 at 4, run 17).
 FUSED_APPEND_RESIDENT_PROGRAMS_PER_SM = 2
 BALANCED_WAVES = 3
 # With a full grid, decode programs still split caches longer than this: in a ragged batch the

@@ -2,9 +2,9 @@
 
 For each shape, contiguous and paged (page 16, shuffled pool), times every (block_n, num_warps,
 num_stages, splits) variant by CUDA-graph replay and prints the best next to the heuristic's pick.
-The heuristics in flashdecode/attention/heuristics.py are tuned from this output. Caveat: the
-inputs are not rotated, so shapes whose K/V fit in L2 (about 50 MB) read warm here and look
-faster than in the benchmark, which keeps L2 cold; compare such shapes there.
+Caveat: the inputs are not rotated, so shapes whose K/V fit in L2 (about 50 MB) read warm here and
+look faster than in the benchmark, which keeps L2 cold. `scripts/sweep_splits.py` sweeps split
+counts and tiles with the benchmark's cold-L2 inputs; the split heuristic now comes from it.
 
 With ``--paged-variants`` every paged shape is timed under both gather modes of the paged K/V
 (``FLASHDECODE_PAGED_GATHER=row``: one block-table lookup per key slot; ``page``: one per page,

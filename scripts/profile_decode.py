@@ -24,6 +24,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -75,15 +76,8 @@ def profile_shape(shape: shapes.Shape, calls: int, l2: int) -> dict:
             if isinstance(built, str):
                 raise RuntimeError(built)
             graph_us = timing.measure_cuda(built.fn, built.states, timer="graph", min_time_s=0.1).median_us
-            before = os.environ.get(launch.ATTENTION_PDL_ENV)
-            os.environ[launch.ATTENTION_PDL_ENV] = "0"
-            try:
+            with mock.patch.dict(os.environ, {launch.ATTENTION_PDL_ENV: "0"}):
                 kernels = kernels_per_call(built.fn, built.states, calls)
-            finally:
-                if before is None:
-                    os.environ.pop(launch.ATTENTION_PDL_ENV, None)
-                else:
-                    os.environ[launch.ATTENTION_PDL_ENV] = before
         except Exception as exc:  # a peer that cannot run says so; the script goes on
             print(f"{shape.name} {peer.name}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
             continue

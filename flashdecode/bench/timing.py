@@ -278,8 +278,7 @@ def measure_graph(fn, states, *, est_us: float, min_time_s: float, host_us: floa
         graph_est = _replay_us(graph) / calls
         better = _calls_per_graph(graph_est, n, target_replay_us, max_calls)
         if better >= 2 * calls:
-            del graph
-            graph = None
+            graph = None  # free the first graph before capturing the second
             graph = _capture(fn, states, better)
             graph.replay()
             torch.cuda.synchronize()

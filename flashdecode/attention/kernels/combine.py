@@ -64,12 +64,12 @@ def combine_splits_kernel(
                     mask=s_ok[:, None] & d_ok[None, :], other=0.0)
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
-    denom = tl.sum(tl.exp2(lse - m), 0)
+    w_all = tl.exp2(lse - m)
+    denom = tl.sum(w_all, 0)
 
     if SPLIT_CHUNK >= SPLITS_P2:
-        w = tl.exp2(lse - m)
         # An empty split has w == 0; `where` also keeps it from spreading a stray NaN.
-        acc = tl.sum(tl.where((w > 0.0)[:, None], w[:, None] * o, 0.0), 0)
+        acc = tl.sum(tl.where((w_all > 0.0)[:, None], w_all[:, None] * o, 0.0), 0)
     else:
         offs_c = tl.arange(0, SPLIT_CHUNK)
         acc = tl.zeros([HEAD_DIM_P2], dtype=tl.float32)

@@ -951,7 +951,7 @@ def test_constant_offsets_are_made_once_and_never_written(backend, device):
     """Per-call constants (query/key offsets, zero left-padding) are cached across calls; no call
     may write into them."""
     from flashdecode import flash_attn_with_kvcache
-    from flashdecode.attention import interface
+    from flashdecode.attention import ramps
 
     g = torch.Generator().manual_seed(11)
     q = torch.randn(3, 1, 4, 16, generator=g).to(device)
@@ -959,10 +959,10 @@ def test_constant_offsets_are_made_once_and_never_written(backend, device):
     v_cache = torch.randn(3, 32, 2, 16, generator=g).to(device)
     k_new = torch.randn(3, 1, 2, 16, generator=g).to(device)
     lens = torch.tensor([5, 0, 30], dtype=torch.int32, device=device)
-    first = interface._ramp(4, 1, q.device)
+    first = ramps.ramp(4, 1, q.device)
     for _ in range(2):
         flash_attn_with_kvcache(q, k_cache, v_cache, k=k_new, v=k_new, cache_seqlens=lens, causal=True)
-    assert interface._ramp(4, 1, q.device) is first
+    assert ramps.ramp(4, 1, q.device) is first
     assert first.tolist() == [0, 1, 2, 3]
-    assert interface._ramp(3, 0, q.device).tolist() == [0, 0, 0]
-    assert interface._ramp(4, 0, q.device).tolist() == [0, 0, 0, 0]
+    assert ramps.ramp(3, 0, q.device).tolist() == [0, 0, 0]
+    assert ramps.ramp(4, 0, q.device).tolist() == [0, 0, 0, 0]

@@ -14,12 +14,12 @@ sees it as one opaque op that mutates ``k_cache`` and ``v_cache``.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
 from flashdecode.attention.problem import PackedProblem
+from flashdecode.attention.ramps import offsets, ramp
 from flashdecode.attention.reference import reference_forward
 from flashdecode.attention.validation import CallShape, validate_call, validate_values, value_checks_enabled
 
@@ -42,28 +42,6 @@ def _per_sequence(value: torch.Tensor | int, batch: int, device: torch.device) -
     if isinstance(value, torch.Tensor):
         return value
     return torch.full((batch,), value, dtype=torch.int32, device=device)
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_ramp(length: int, step: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(0, length * step, step, dtype=torch.int32, device=device) if step else torch.zeros(
-        length, dtype=torch.int32, device=device)
-
-
-def _ramp(length: int, step: int, device: torch.device) -> torch.Tensor:
-    """``[0, step, 2 * step, ...]`` (``length`` int32 values), read-only.
-
-    A decode step calls the op once per layer with the same batch, so these small constant
-    tensors are made once and reused (each would otherwise cost a kernel launch per call). Not
-    during CUDA-graph capture: there a new tensor is only filled when the graph replays.
-    """
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return _cached_ramp.__wrapped__(length, step, device)
-    return _cached_ramp(length, step, device)
-
-
-def _offsets(batch: int, step: int, device: torch.device) -> torch.Tensor:
-    return _ramp(batch + 1, step, device)
 
 
 def pack_problem(
@@ -103,7 +81,7 @@ def pack_problem(
             max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
     else:
         q_packed = q.reshape(batch * shape.seqlen_q, shape.num_heads, shape.head_dim)
-        cu_q = _offsets(batch, shape.seqlen_q, device)
+        cu_q = offsets(batch, shape.seqlen_q, device)
         max_seqlen_q = shape.seqlen_q
     if q_packed.stride(-1) != 1:
         q_packed = q_packed.contiguous()
@@ -114,17 +92,17 @@ def pack_problem(
         else:
             k_new = k.reshape(batch * shape.seqlen_new, shape.num_kv_heads, shape.head_dim)
             v_new = v.reshape(batch * shape.seqlen_new, shape.num_kv_heads, shape.head_dim)
-            cu_k = _offsets(batch, shape.seqlen_new, device)
+            cu_k = offsets(batch, shape.seqlen_new, device)
         k_new = k_new if k_new.stride(-1) == 1 else k_new.contiguous()
         v_new = v_new if v_new.stride(-1) == 1 else v_new.contiguous()
         max_new = shape.seqlen_new  # an upper bound for packed k (its total length): no sync
     else:
         k_new = v_new = None
-        cu_k = _offsets(batch, 0, device)
+        cu_k = offsets(batch, 0, device)
         max_new = 0
 
     seqlens = _per_sequence(shape.capacity if cache_seqlens is None else cache_seqlens, batch, device)
-    leftpad = cache_leftpad if cache_leftpad is not None else _ramp(batch, 0, device)
+    leftpad = cache_leftpad if cache_leftpad is not None else ramp(batch, 0, device)
 
     if shape.paged:
         table = block_table
@@ -132,7 +110,7 @@ def pack_problem(
             rows = cache_batch_idx.long().clamp(0, block_table.shape[0] - 1)
             table = block_table.index_select(0, rows)
     else:
-        rows = cache_batch_idx if cache_batch_idx is not None else _ramp(batch, 1, device)
+        rows = cache_batch_idx if cache_batch_idx is not None else ramp(batch, 1, device)
         table = rows.to(torch.int32).reshape(batch, 1)
     table = table.contiguous()
 

@@ -47,7 +47,6 @@ def combine_splits_kernel(
     """
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     l_row = LSE_PART + t * stride_lt + h * stride_lh
@@ -82,6 +81,8 @@ def combine_splits_kernel(
                         other=0.0)
             acc += tl.sum(tl.where((w > 0.0)[:, None], w[:, None] * o, 0.0), 0)
 
+    if USE_PDL:  # as in `attention_split_kernel`: the next kernel launches for this one's tail
+        tl.extra.cuda.gdc_launch_dependents()
     has_key = denom > 0.0
     out = acc / tl.where(has_key, denom, 1.0)
     out_lse = tl.where(has_key, (m + tl.log2(tl.where(has_key, denom, 1.0))) * LN2, float("inf"))

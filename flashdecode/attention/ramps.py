@@ -1,10 +1,10 @@
 """Small constant int32 tensors a call needs (query/key offsets, zero left-padding, row indices).
 
 A decode step calls the op once per layer with the same batch, so ``[0, step, 2 * step, ...]``
-is made once per (length, step, device) and reused. Making one is a kernel launch: on an H200
-(2026-11-28, run 23) a batch-1 decode graph took 16.7 µs where its attention and combine
-kernels took 11.2, and the gap was the four ramps a contiguous-cache call then made inside the
-graph.
+is made once per (length, step, device) and reused. Making one is a kernel launch, and inside a
+CUDA graph that launch is replayed with every call: on an H200 (2026-11-28) a batch-1 decode
+graph took 16.7 µs where its attention and combine kernels took 11.2 (run 23), and 11.6 µs once
+it stopped making four ramps inside the graph (run 24).
 
 CUDA graphs: a ramp first made *during* a capture is only filled when the graph replays, so it
 is used by that graph alone and never cached. A ramp made earlier (the warm-up call before a

@@ -54,8 +54,10 @@ def test_explicit_split_count_is_honoured():
     assert hz.choose_num_splits(1, 1, 8, 1, 131072, 64, H100_SMS) == 1
     assert hz.choose_num_splits(7, 1, 8, 1, 131072, 64, H100_SMS) == 7
     assert hz.choose_num_splits(7, 512, 8, 1, 131072, 64, H100_SMS) == 7  # even on a full grid
-    # More splits than key tiles would only add empty programs.
+    # More splits than key tiles would only add empty programs; so would 33 splits of 512 tiles
+    # (16 tiles each fill 32 splits).
     assert hz.choose_num_splits(50, 1, 8, 1, 128, 64, H100_SMS) == 2
+    assert hz.choose_num_splits(33, 1, 8, 1, 32768, 64, H100_SMS) == 32
     assert hz.choose_num_splits(10**6, 1, 8, 1, 10**9, 64, H100_SMS) == hz.MAX_SPLITS
 
 
@@ -75,7 +77,8 @@ def test_no_split_when_the_grid_fills_the_gpu():
     (8, 8, 8192, 64, 4),  # 64 programs -> 256 (5 splits, 320 programs, was slower)
     (32, 1, 8192, 64, 8),  # MQA: 32 -> 256
     (16, 8, 8192, 32, 2),  # D=256: 128 -> 256 (3 splits, 384 programs, was 1.25x slower)
-    (1, 8, 32768, 64, 33),  # B=1: 8 -> 264
+    (1, 8, 32768, 64, 32),  # B=1: 8 -> 264 programs would leave the 33rd split of 512 tiles empty
+    (1, 8, 131072, 64, 33),  # B=1: 2048 tiles, 63 per split, the last one 32
 ])
 def test_small_grids_split_up_to_the_target_programs_per_sm(batch, hk, keys, block_n, want):
     assert hz.choose_num_splits(0, batch, hk, 1, keys, block_n, H100_SMS) == want
@@ -101,6 +104,16 @@ def test_long_caches_split_even_on_a_full_grid():
     assert hz.choose_num_splits(0, 64, 8, 4, 16384, 64, H100_SMS) == 1
 
 
+@pytest.mark.parametrize("splits, tiles, want", [(1, 1, 1), (5, 3, 3), (33, 512, 32), (33, 2048, 33), (7, 20, 7),
+                                                 (6, 20, 5), (128, 129, 65), (3, 1, 1)])
+def test_non_empty_splits(splits, tiles, want):
+    got = hz.non_empty_splits(splits, tiles)
+    assert got == want
+    per = hz.cdiv(tiles, got)
+    assert (got - 1) * per < tiles <= got * per  # the last split has work, none is left over
+    assert per == hz.cdiv(tiles, min(splits, tiles))  # the longest split is as before
+
+
 def test_no_split_for_tiny_caches():
     assert hz.choose_num_splits(0, 1, 8, 1, 64, 64, H100_SMS) == 1
     assert hz.choose_num_splits(0, 1, 8, 1, 100, 64, H100_SMS) == 1  # two tiles: too few to split
@@ -117,8 +130,12 @@ def test_split_heuristic_fills_the_gpu(batch, hk, keys):
     target = hz.TARGET_PROGRAMS_PER_SM * H100_SMS
     # Never past the target programs per SM...
     assert programs <= target
-    # ...and within one more split of it, unless the key tiles ran out first.
-    assert programs + batch * hk > target or s == tiles // hz.MIN_TILES_PER_SPLIT
+    # ...every split gets key tiles...
+    assert (s - 1) * hz.cdiv(tiles, s) < tiles
+    # ...and one more split would pass the target, or not shorten the longest split, or the key
+    # tiles ran out first.
+    assert (programs + batch * hk > target or hz.cdiv(tiles, s + 1) == hz.cdiv(tiles, s)
+            or s == tiles // hz.MIN_TILES_PER_SPLIT)
 
 
 def test_split_heuristic_is_a_function_of_shapes_only():

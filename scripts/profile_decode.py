@@ -13,7 +13,12 @@ graph time is taken with the default settings.
 Two extra shapes measure the fixed cost: B=1 and B=8 over 128 keys, where reading K/V takes
 almost no time. GPU only.
 
+`--one-call` instead runs each implementation's call once per shape between
+``cudaProfilerStart``/``cudaProfilerStop`` (after a warm-up outside them), for Nsight Compute's
+hardware counters: `bash scripts/ncu_decode.sh` (see there).
+
 Usage: python scripts/profile_decode.py [--shapes decode 1,128,32/8,128] [--calls 60] [--out profile.json]
+       python scripts/profile_decode.py --one-call --shapes 9/3 32/1
 """
 
 from __future__ import annotations
@@ -66,11 +71,36 @@ def kernels_per_call(fn, states, calls: int) -> dict[str, float]:
     return dict(per_kernel)
 
 
+PEERS = (peers.FlashdecodeContiguous, peers.FlashdecodePaged, peers.SDPACudnn)
+
+
+def one_call_each(shape: shapes.Shape) -> None:
+    """Warm every implementation up, then run one call of each inside the profiler range."""
+    problems = peers.make_problems(shape, "cuda", copies=1)
+    calls = []
+    for peer_type in PEERS:
+        built = peer_type().build(problems)[0]
+        if isinstance(built, str):
+            print(f"{shape.name} {peer_type.name}: {built}", flush=True)
+            continue
+        built.fn(built.states[0])  # compile outside the range
+        calls.append((peer_type.name, built))
+    torch.cuda.synchronize()
+    for name, built in calls:
+        torch.cuda.cudart().cudaProfilerStart()
+        built.fn(built.states[0])
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
+        print(f"{shape.name} {name}: profiled one call", flush=True)
+    for p in problems:
+        p.release()
+
+
 def profile_shape(shape: shapes.Shape, calls: int, l2: int) -> dict:
     copies = timing.copies_needed(shape.kv_bytes(), l2)
     problems = peers.make_problems(shape, "cuda", copies=copies)
     result = {"shape": shape.name, "copies": copies, "impls": {}}
-    for peer in (peers.FlashdecodeContiguous(), peers.FlashdecodePaged(), peers.SDPACudnn()):
+    for peer in (peer_type() for peer_type in PEERS):
         try:
             built = peer.build(problems)[0]
             if isinstance(built, str):
@@ -96,11 +126,16 @@ def main() -> int:
     ap.add_argument("--shapes", nargs="*", default=["decode", *FIXED_COST_SHAPES])
     ap.add_argument("--calls", type=int, default=60, help="profiled eager calls per implementation and shape")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--one-call", action="store_true", help="one call per implementation, for ncu (see above)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("profile_decode.py needs a CUDA device", file=sys.stderr)
         return 2
     selected = [s for s in shapes.select(shapes.full_grid(), args.shapes) if s.kind == "decode"]
+    if args.one_call:
+        for shape in selected:
+            one_call_each(shape)
+        return 0
     l2 = timing.l2_bytes("cuda")
     results = []
     for shape in selected:

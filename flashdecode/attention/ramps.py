@@ -19,7 +19,7 @@ import threading
 
 import torch
 
-# Ramps kept for eager calls (not pinned by a graph); each is (length + 1) int32 values at most.
+# Ramps kept for eager calls (those no graph has pinned); each is a few int32 values per sequence.
 MAX_CACHED_RAMPS = 256
 
 _Key = tuple[int, int, torch.device]

@@ -54,10 +54,10 @@ def test_explicit_split_count_is_honoured():
     assert hz.choose_num_splits(1, 1, 8, 1, 131072, 64, H100_SMS) == 1
     assert hz.choose_num_splits(7, 1, 8, 1, 131072, 64, H100_SMS) == 7
     assert hz.choose_num_splits(7, 512, 8, 1, 131072, 64, H100_SMS) == 7  # even on a full grid
-    # More splits than key tiles would only add empty programs; so would 33 splits of 512 tiles
-    # (16 tiles each fill 32 splits).
+    # More splits than key tiles would only add empty programs.
     assert hz.choose_num_splits(50, 1, 8, 1, 128, 64, H100_SMS) == 2
-    assert hz.choose_num_splits(33, 1, 8, 1, 32768, 64, H100_SMS) == 32
+    # Otherwise as asked, even when the last split gets no tile (33 splits of 512 tiles).
+    assert hz.choose_num_splits(33, 1, 8, 1, 32768, 64, H100_SMS) == 33
     assert hz.choose_num_splits(10**6, 1, 8, 1, 10**9, 64, H100_SMS) == hz.MAX_SPLITS
 
 

@@ -26,17 +26,23 @@ SMEM_BUDGET_BYTES = 160 * 1024
 # at 9 (288); B=16 L=8192 16/8 heads D=256 at 2 splits (256) against 3 (384, 1.25x slower). Past the
 # target a grid is one uneven wave of up to RESIDENT_PROGRAMS_PER_SM programs per SM, and it was slow.
 TARGET_PROGRAMS_PER_SM = 2
-# Programs of the decode kernel (bf16, D <= 128, 4 warps) one SM holds at once: 128 registers per
-# thread and 37 KiB of shared memory allow 4 (Triton 3.6, sm_90). A grid of more than
-# TARGET_PROGRAMS_PER_SM but at most this many programs per SM runs as one wave in which some SMs hold
-# one program more than others, and every program streams for the whole kernel: 512 programs of
-# 4096 keys took 293-295 us, 1.12-1.13x the time of the same work split 3-4 ways (1536-2048 programs,
-# several waves that balance themselves), and B=64 L=16384 took 1018 us at 2 splits, 969 at 4
-# (run 17). Such grids are split into about BALANCED_WAVES waves.
+# Upper end, in programs per SM, of the grids split into several waves (see `choose_num_splits`).
+# The name says what it was meant to be, the programs of the decode kernel one SM holds at once,
+# but the value is a measured threshold: compiled by Triton 3.6 for sm_90 (bf16, D=128, 64-key
+# tiles, 3 stages, 4 warps), the decode kernel has 152 registers per thread (139 paged) and 70 KiB
+# of shared memory, so an SM holds 3 of its programs, not 4. A grid of more than
+# TARGET_PROGRAMS_PER_SM and at most 4 programs per SM runs as one to 1.3 waves, uneven, and every
+# program streams for the whole kernel: 512 programs of 4096 keys took 293-295 us, 1.12-1.13x the
+# time of the same work split 3-4 ways (1536-2048 programs, several waves that balance themselves),
+# and B=64 L=16384 took 1018 us at 2 splits, 969 at 4 (run 17). Such grids are split into about
+# BALANCED_WAVES waves. Past 4 per SM, 1024 programs of 2048 keys (2.6 waves of 3) were no faster
+# at 2 splits (263.9 against 264.4 us).
 RESIDENT_PROGRAMS_PER_SM = 4
-# The attention kernel with the fused append holds more registers (230 per thread compiled for
-# sm_90 by Triton 3.9: 2 programs per SM), so 512 programs are two even waves, and 1 split was its
-# fastest (258.9 us against 280.7 at 4, run 17).
+# The attention kernel with the fused append and rotary holds 247 registers per thread (Triton 3.6,
+# sm_90, contiguous cache; 230 with Triton 3.9): 2 programs per SM, so 512 programs are two even
+# waves, and 1 split was its fastest (258.9 us against 280.7 at 4, run 17). (Its paged variant
+# compiles to 168 registers and 16 bytes of spill: 3 per SM.) Register and shared-memory figures:
+# `python -m flashdecode.attention.kernels.aot_check` with the GPU machine's Triton version.
 FUSED_APPEND_RESIDENT_PROGRAMS_PER_SM = 2
 BALANCED_WAVES = 3
 # With a full grid, decode programs still split caches longer than this: in a ragged batch the

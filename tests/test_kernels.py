@@ -281,6 +281,43 @@ def test_kernels_match_brute_force_for_every_split_count(spec, device):
         assert (out.float() - base_out.float()).abs().max().item() <= 2 * TOL[spec.dtype][0]
 
 
+# ---- key addresses: unsigned 32-bit products or 64-bit products (OFFSETS_32) ----------------
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name", ["decode-gqa-page3-d80-rot", "spec-mqa-varlen-aligned", "contig-leftpad-alibi-window-fp32"])
+def test_32_and_64_bit_key_offsets_match_brute_force(name, device, monkeypatch):
+    """Both address paths equal the float64 brute force and each other bit for bit (paged with
+    pages straddling tiles, paged with tile-aligned pages, contiguous); the launcher picks the
+    32-bit one for these small caches."""
+    launch = _launch()
+    spy = _KernelSpy(launch.attention_split_kernel)
+    monkeypatch.setattr(launch, "attention_split_kernel", spy)
+    spec = next(s for s in SPECS if s.name == name)
+    p = build(spec, device, seed=5)
+    want_out, want_lse, _, _ = brute_force(p)
+    got = {}
+    for wide in (True, False):
+        if not wide:
+            monkeypatch.setattr(launch, "offsets_32", lambda k_pages, v_pages: False)
+        out, lse, _, _ = run_triton(p, spec.splits[-1])
+        assert spy.calls[-1]["OFFSETS_32"] is wide
+        assert_close_attention(out, lse, want_out, want_lse, spec.dtype, f"{name} OFFSETS_32={wide}")
+        got[wide] = (out, lse)
+    assert torch.equal(got[True][0], got[False][0]) and torch.equal(got[True][1], got[False][1])
+
+
+def test_offsets_32_needs_page_and_slot_strides_in_2_to_2_31():
+    launch = _launch()
+    small = torch.empty(4, 16, 2, 8)
+    assert launch.offsets_32(small, small)
+    wide_page = torch.empty(16, 2, 8).as_strided((1, 16, 2, 8), (2**31, 16, 8, 1))  # one page: any stride
+    assert not launch.offsets_32(wide_page, small) and not launch.offsets_32(small, wide_page)
+    unit_slot = torch.empty(4, 16, 1, 1)  # slot stride 1: Triton would pass it as a constant
+    assert not launch.offsets_32(unit_slot, unit_slot)
+    assert launch.offsets_32(small[:, :, :1], small[:, :, 1:])  # views keep the pool's strides
+
+
 # ---- paged gather variants (FLASHDECODE_PAGED_GATHER) --------------------------------------
 
 

@@ -21,6 +21,7 @@ ATTENTION_VARIANTS: dict[str, dict[str, Any]] = {
     "decode-split-gather16": dict(TILE_IN_PAGE=False, GATHER_PAGE=16),
     "decode-split-in-page": dict(),
     "decode-split-single-page": dict(SINGLE_PAGE=True),
+    "decode-offsets-64": dict(SINGLE_PAGE=True, OFFSETS_32=False),
     "decode-fused-append": dict(APPEND=True, ROTARY_DIM=128, ROTARY_INTERLEAVED=False),
     "decode-fused-append-page16": dict(APPEND=True, TILE_IN_PAGE=False, GATHER_PAGE=16, ROTARY_DIM=128),
     "decode-all-features": dict(SPLIT=False, HAS_WINDOW_LEFT=True, HAS_SOFTCAP=True, HAS_ALIBI=True, ROTARY_DIM=64,
@@ -99,7 +100,7 @@ def attention_variant(**kw: Any) -> Any:
     num_warps, num_stages = kw.pop("num_warps", 4), kw.pop("num_stages", 3)
     consts: dict[str, Any] = dict(
         GROUP=4, HEAD_DIM=128, HEAD_DIM_P2=128, BLOCK_M=16, BLOCK_N=64, SPLIT=True, TILE_IN_PAGE=True, GATHER_PAGE=0,
-        SINGLE_PAGE=False,
+        SINGLE_PAGE=False, OFFSETS_32=True,
         HAS_WINDOW_LEFT=False, HAS_WINDOW_RIGHT=True, HAS_SOFTCAP=False, HAS_ALIBI=False, ROTARY_DIM=0,
         ROTARY_INTERLEAVED=True, ROTARY_PER_POSITION=True, DOT_FP32=False, APPEND=False, APPEND_ROWS=16,
         stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1,

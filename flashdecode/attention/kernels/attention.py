@@ -102,6 +102,7 @@ def attention_split_kernel(
     TILE_IN_PAGE: tl.constexpr,
     GATHER_PAGE: tl.constexpr,
     SINGLE_PAGE: tl.constexpr,
+    OFFSETS_32: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr,
     HAS_WINDOW_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
@@ -126,6 +127,9 @@ def attention_split_kernel(
     outputs (already divided by their own sum) and ``LSE`` a float32 log2-domain LSE per (split,
     head, token), -inf for an empty split (strides ``stride_ls, stride_lh, stride_lt``). Without it, ``OUT`` (total_q, H, D) in q's dtype and ``LSE``
     (H, total_q) natural-log float32, +inf and zeros for a row that sees no key.
+
+    ``OFFSETS_32`` (the launcher's `offsets_32`): the cache's page and slot strides are in
+    [2, 2**31), so key addresses take unsigned 32 x 32 -> 64-bit products (`wide_product`).
 
     ``USE_PDL`` (a launch with programmatic dependent launch): wait for the previous kernel before
     the first load; let the next kernel launch once the key loop is done, so that its launch
@@ -270,7 +274,7 @@ def attention_split_kernel(
                 acc, l_i, m_i, q, start, page, K_BASE, V_BASE, num_pages, page_size,
                 stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
                 kv_lo, kv_hi_cache, rel_row, slope, qk_scale, softcap_log2, window_left, window_right,
-                HEAD_DIM, HEAD_DIM_P2, BLOCK_N, phase != 1, TILE_IN_PAGE, GATHER_PAGE, SINGLE_PAGE,
+                HEAD_DIM, HEAD_DIM_P2, BLOCK_N, phase != 1, TILE_IN_PAGE, GATHER_PAGE, SINGLE_PAGE, OFFSETS_32,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32,
             )
             page = page_next

@@ -49,6 +49,14 @@ def page_ids(
 
 
 @triton.jit
+def wide_product(a, stride):
+    """``a * stride`` as int64 for a non-negative int32 ``a`` and an int32 stride in [2, 2**31)
+    (not 1: Triton passes an argument equal to 1 as a constant): one unsigned 32 x 32 -> 64-bit
+    multiply instead of a sign extension and a 64 x 64 product."""
+    return (a.to(tl.uint32).to(tl.uint64) * stride.to(tl.uint32).to(tl.uint64)).to(tl.int64)
+
+
+@triton.jit
 def key_tile(
     acc,
     l_i,
@@ -81,6 +89,7 @@ def key_tile(
     TILE_IN_PAGE: tl.constexpr,
     GATHER_PAGE: tl.constexpr,
     SINGLE_PAGE: tl.constexpr,
+    OFFSETS_32: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr,
     HAS_WINDOW_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
@@ -98,28 +107,40 @@ def key_tile(
     # Per-row page arithmetic for every layout. (A variant with one 64-bit base per tile and 32-bit
     # row offsets for TILE_IN_PAGE, commit 6e33e80, had fewer instructions but more registers and
     # made the contiguous cache slower on an H200, run 15: B=8 L=8192 32/8 heads 96.5 us against
-    # 80.4 us in run 4 and 77.3 us for the paged cache in the same run. Reverted.)
+    # 80.4 us in run 4 and 77.3 us for the paged cache in the same run. Reverted.) With OFFSETS_32
+    # the row offsets are unsigned 32 x 32 -> 64-bit products: compiled by Triton 3.6 for sm_90 the
+    # unmasked key loop of the contiguous decode kernel (D=128, 64-key tiles) went from 343 to 308
+    # instructions and the kernel from 152 to 105 registers; paged page 16 from 355 to 327, and at
+    # D=64 (128-key tiles) from 460 to 406. Not yet timed on a GPU.
     row_ok = (page >= 0) & (page < num_pages)
+    # An invalid page id (possible only with value checks off) reads page 0 instead: then no
+    # load of an unmasked tile needs a mask, and no load leaves the cache.
+    page = tl.where(row_ok, page, 0)
     if SINGLE_PAGE:
-        in_page = offs_n.to(tl.int64)  # one page from slot 0: the slot is the in-page slot
+        in_page = offs_n  # one page from slot 0: the slot is the in-page slot
     elif GATHER_PAGE > 0:
         # start is a multiple of BLOCK_N, hence of the page: the in-page slot is fixed per row.
-        in_page = (tl.arange(0, BLOCK_N) & (GATHER_PAGE - 1)).to(tl.int64)
+        in_page = tl.arange(0, BLOCK_N) & (GATHER_PAGE - 1)
     elif TILE_IN_PAGE:
-        in_page = ((start % page_size) + tl.arange(0, BLOCK_N)).to(tl.int64)
+        in_page = (start % page_size) + tl.arange(0, BLOCK_N)
     else:
-        in_page = (offs_n % page_size).to(tl.int64)
-    page64 = page.to(tl.int64)
-    k_ptrs = K_BASE + (page64 * stride_kp + in_page * stride_ks)[:, None] + offs_d[None, :] * stride_kd
-    v_ptrs = V_BASE + (page64 * stride_vp + in_page * stride_vs)[:, None] + offs_d[None, :] * stride_vd
+        in_page = offs_n % page_size
+    if OFFSETS_32:
+        k_row = wide_product(page, stride_kp) + wide_product(in_page, stride_ks)
+        v_row = wide_product(page, stride_vp) + wide_product(in_page, stride_vs)
+    else:
+        k_row = page.to(tl.int64) * stride_kp + in_page.to(tl.int64) * stride_ks
+        v_row = page.to(tl.int64) * stride_vp + in_page.to(tl.int64) * stride_vs
+    k_ptrs = K_BASE + k_row[:, None] + offs_d[None, :] * stride_kd
+    v_ptrs = V_BASE + v_row[:, None] + offs_d[None, :] * stride_vd
     if MASKED:
         key_ok = row_ok & (offs_n >= kv_lo) & (offs_n < kv_hi)
-    else:
-        key_ok = row_ok
-    if HEAD_DIM == HEAD_DIM_P2:
         ld_mask = key_ok[:, None]
     else:
-        ld_mask = key_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        key_ok = row_ok
+        ld_mask = tl.full([BLOCK_N, 1], True, tl.int1)
+    if HEAD_DIM != HEAD_DIM_P2:
+        ld_mask = ld_mask & (offs_d < HEAD_DIM)[None, :]
     k = tl.load(k_ptrs, mask=ld_mask, other=0.0)
     v = tl.load(v_ptrs, mask=ld_mask, other=0.0)
     return attend(

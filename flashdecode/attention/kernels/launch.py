@@ -105,6 +105,13 @@ def pdl_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
+def offsets_32(k_pages: torch.Tensor, v_pages: torch.Tensor) -> bool:
+    """The kernel's ``OFFSETS_32``: page and slot strides of both caches in [2, 2**31), so that key
+    addresses can take unsigned 32 x 32 -> 64-bit products (a page id and a slot are non-negative
+    int32). A stride of 1 is left out because Triton passes an argument equal to 1 as a constant."""
+    return all(2 <= s < 2**31 for t in (k_pages, v_pages) for s in t.stride()[:2])
+
+
 def paged_gather_mode() -> str | None:
     """``FLASHDECODE_PAGED_GATHER`` as set now (None if unset); validated by ``heuristics.gather_page``."""
     mode = os.environ.get(PAGED_GATHER_ENV)
@@ -212,6 +219,7 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bo
         TILE_IN_PAGE=page_size % cfg.block_n == 0,
         GATHER_PAGE=heuristics.gather_page(page_size, cfg.block_n, paged_gather_mode()),
         SINGLE_PAGE=bt.shape[1] == 1,
+        OFFSETS_32=offsets_32(kc, vc),
         HAS_WINDOW_LEFT=p.window_left >= 0,
         HAS_WINDOW_RIGHT=p.window_right >= 0,
         HAS_SOFTCAP=softcap > 0.0,

@@ -5,8 +5,20 @@ compiler rejects (or a loop it cannot pipeline) would only show on the GPU. This
 variants for sm_90 with the integer specialisations a real launch gets (pointers and strides
 divisible by 16, unit last-dim strides) and prints, per variant, the shared memory and the number
 of asynchronous copies (0 would mean the K/V loads are not pipelined), how many of the PTX cp.async
-copy 16 bytes, and the registers and stack bytes (spills) per thread. Run it with
-``TRITON_INTERPRET`` unset. Exit status 1 if any variant fails to compile.
+copy 16 bytes, the registers and stack bytes (spills) per thread, and ``key_loop``: the SASS
+instructions of the shortest loop with tensor-core instructions (HMMA, HGMMA), which for the attention
+kernel is its unmasked key loop. Run it with ``TRITON_INTERPRET`` unset; name variants to compile
+only those. Exit status 1 if any variant fails to compile.
+
+The installed Triton compiles. The GPU machine's version can differ (Triton 3.6 there in
+2026-11): `pip install triton==3.6.0` into a separate environment without torch, and run there
+with stand-ins for the package ``__init__`` modules that import torch::
+
+    python -c "import sys, types, runpy
+    for n in ('flashdecode', 'flashdecode.attention', 'flashdecode.models'):
+        m = types.ModuleType(n); m.__path__ = [n.replace('.', '/')]; sys.modules[n] = m
+    sys.argv[1:] = ['decode-split-single-page']
+    runpy.run_module('flashdecode.attention.kernels.aot_check', run_name='__main__')"
 """
 
 from __future__ import annotations
@@ -80,6 +92,43 @@ def _resources(ck: Any) -> str:
     return f" regs={regs} stack={stack}"
 
 
+def _key_loop(ck: Any) -> str:
+    """`` key_loop=N``: instructions of the shortest SASS loop with tensor-core instructions (empty
+    if there is none, or no nvdisasm beside this Triton's cuobjdump)."""
+    import re
+    import subprocess
+    import tempfile
+
+    try:
+        from triton import knobs
+
+        tool = os.path.join(os.path.dirname(knobs.nvidia.cuobjdump.path), "nvdisasm")
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(ck.asm["cubin"])
+            f.flush()
+            sass = subprocess.run([tool, "-c", f.name], capture_output=True, text=True, timeout=60).stdout
+    except Exception:
+        return ""
+    labels: dict[str, int] = {}
+    ops: list[tuple[str, str]] = []
+    for line in sass.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(ops)
+            continue
+        instr = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*)", line)
+        if instr:
+            ops.append((instr.group(1), instr.group(2)))
+    sizes = []
+    for i, (op, rest) in enumerate(ops):
+        target = re.search(r"(\.L_x_\d+)", rest) if op.startswith("BRA") else None
+        if target and labels.get(target.group(1), i + 1) <= i:  # a backward branch closes a loop
+            body = ops[labels[target.group(1)]:i + 1]
+            if any(o.startswith(("HMMA", "HGMMA")) for o, _ in body):
+                sizes.append(len(body))
+    return f" key_loop={min(sizes)}" if sizes else ""
+
+
 def _summary(ck: Any) -> str:
     """Shared memory, asynchronous copies in the TTGIR (0: K/V not pipelined), 16-byte cp.async in
     the PTX out of all cp.async (vectorisation), and registers/stack per thread when available."""
@@ -90,7 +139,7 @@ def _summary(ck: Any) -> str:
     cp_all = len(re.findall(r"cp\.async\.c[ag]\.shared\.global", ptx))
     cp16 = len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*, 0x10", ptx))
     return (f"shared={ck.metadata.shared} async_copies={ir.count('async_copy_global_to_local')} "
-            f"cp16={cp16}/{cp_all}{_resources(ck)}")
+            f"cp16={cp16}/{cp_all}{_resources(ck)}{_key_loop(ck)}")
 
 
 def attention_variant(**kw: Any) -> Any:

@@ -93,10 +93,9 @@ def attention_pdl(device: torch.device) -> bool:
     """Launch the attention and combine kernels with programmatic dependent launch on sm90+ CUDA
     devices, unless ``FLASHDECODE_ATTENTION_PDL=0`` (read on every call). Each waits for the
     previous kernel before its first load and lets the next one launch after its key loop, so
-    only a launch and a tail overlap. On an H200 (2026-11-28,
-    run 16, batch-1 decode, same run) it took SmolLM2-135M from 1440 to 1666 tok/s and Llama-3-8B
-    from 235.4 to 238.4; on the 256-request throughput workload (run 17) SmolLM2 went from 36,230 to
-    42,120 tok/s."""
+    only a launch and a tail overlap. On an H200 (2026-11-28, run 16, batch-1 decode, same run)
+    it took SmolLM2-135M from 1440 to 1666 tok/s and Llama-3-8B from 235.4 to 238.4; on the
+    256-request throughput workload (run 17) SmolLM2 went from 36,230 to 42,120 tok/s."""
     return env_flag(ATTENTION_PDL_ENV, "1") and pdl_supported(device)
 
 

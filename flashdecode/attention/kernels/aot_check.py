@@ -41,7 +41,12 @@ ATTENTION_VARIANTS: dict[str, dict[str, Any]] = {
     "decode-features-gather4": dict(SPLIT=False, TILE_IN_PAGE=False, GATHER_PAGE=4, HAS_WINDOW_LEFT=True,
                                     HAS_SOFTCAP=True, HAS_ALIBI=True, ROTARY_DIM=64, ROTARY_INTERLEAVED=False),
     "decode-d80": dict(HEAD_DIM=80, TILE_IN_PAGE=False, ROTARY_DIM=80),
-    "decode-mqa": dict(BLOCK_M=32, GROUP=32),
+    # Triton passes an integer argument equal to 1 as a constant (a Python int in the kernel, with
+    # no `.to`): a contiguous cache of one sequence has num_pages == max_pages == 1, MQA one KV head.
+    "decode-batch-1": dict(SINGLE_PAGE=True, num_pages=1, max_pages=1, total_q=1),
+    "prefill-batch-1": dict(BLOCK_M=128, BLOCK_N=64, SPLIT=False, num_warps=8, SINGLE_PAGE=True, num_pages=1,
+                            max_pages=1),
+    "decode-mqa": dict(BLOCK_M=32, GROUP=32, num_kv_heads=1),
     "decode-d256-fp16": dict(dtype="fp16", HEAD_DIM=256, HEAD_DIM_P2=256, BLOCK_N=32, num_stages=3),
     "decode-d256-fused-append": dict(HEAD_DIM=256, HEAD_DIM_P2=256, BLOCK_N=32, num_stages=3, APPEND=True,
                                      ROTARY_DIM=256, ROTARY_INTERLEAVED=False),

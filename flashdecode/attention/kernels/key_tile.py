@@ -125,7 +125,9 @@ def key_tile(
         # mask, and no load leaves the cache. One unsigned min per page id instead of two
         # compares and a select: with the clamped table reads of `page_ids`, the paged 9/3-head
         # decode (D=64, page 16) went from 32.8 to 31.8 us on an H200 (run 31, A/B in one call).
-        page = tl.minimum(page.to(tl.uint32), (num_pages - 1).to(tl.uint32)).to(tl.int32)
+        # (num_pages - 1 takes the unsigned type of the other operand; no `.to` on it: Triton
+        # passes num_pages == 1 as a constant, whose Python int has no `.to`.)
+        page = tl.minimum(page.to(tl.uint32), num_pages - 1).to(tl.int32)
         row_ok = page >= 0  # unused: an unmasked tile has no key mask
     if SINGLE_PAGE:
         in_page = offs_n  # one page from slot 0: the slot is the in-page slot

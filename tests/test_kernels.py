@@ -251,10 +251,33 @@ SPECS = [
 ]
 
 
+# Not marked `interpreter`, so that they also run compiled on the GPU: Triton passes an integer
+# argument equal to 1 as a constant, so a contiguous cache of one sequence (one page in the pool,
+# one table column) and a single KV head compile to their own variants. (A page clamp that called
+# `.to` on num_pages - 1 compiled for every batch but 1, 2026-11-28.)
+ONE_SEQUENCE_SPECS = [
+    Spec("one-sequence-contiguous-mqa-decode", q_lens=(1,), cache_lens=(900,), new_lens=(1,), heads=8, kv_heads=1,
+         head_dim=128, dtype=torch.bfloat16, page_size=1024, contiguous=True, extra_pages=0, rotary_frac=1.0,
+         causal=True, splits=(1, 0, 3)),
+    Spec("one-sequence-contiguous-prefill", q_lens=(200,), cache_lens=(60,), new_lens=(200,), heads=4, kv_heads=2,
+         head_dim=64, dtype=torch.bfloat16, page_size=512, contiguous=True, extra_pages=0, causal=True,
+         splits=(1, 2)),
+]
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_kernels_match_brute_force_for_every_split_count(spec, device):
     """Every split count of each case against the float64 brute force, and against each other."""
+    check_every_split_count(spec, device)
+
+
+@pytest.mark.parametrize("spec", ONE_SEQUENCE_SPECS, ids=lambda s: s.name)
+def test_one_sequence_and_one_kv_head_match_brute_force(spec, device):
+    check_every_split_count(spec, device)
+
+
+def check_every_split_count(spec: Spec, device) -> None:
     p = build(spec, device)
     want_out, want_lse, want_k, want_v = brute_force(p)
     results = {}

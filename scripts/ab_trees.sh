@@ -11,6 +11,9 @@
 #
 #   bash scripts/ab_trees.sh ab/before .
 #
+# A tree may carry environment variables for its runs, `DIR:VAR=value[,VAR=value]`, to A/B a knob
+# of one version: `bash scripts/ab_trees.sh . .:FLASHDECODE_LATE_ROW_SUM=1`.
+#
 # Each round runs `python -m flashdecode.bench` once per tree, with that tree first on PYTHONPATH;
 # rounds alternate the order (A B, then B A) so that drift of the card hits both. A table of the
 # best median µs per shape and implementation, per tree, is printed last. Results go to
@@ -55,13 +58,16 @@ for round in $(seq 1 "$ROUNDS"); do
         for ((i = ${#trees[@]} - 1; i >= 0; i--)); do order+=("${trees[$i]}"); done
     fi
     for tree in "${order[@]}"; do
-        name=$(echo "$tree" | tr '/.' '__')
+        name=$(echo "$tree" | tr '/.:=,' '_____')
         out="$BASE/r$round-$name"
+        dir="${tree%%:*}"
+        envs=()
+        [ "$dir" != "$tree" ] && IFS=',' read -r -a envs <<<"${tree#*:}"
         echo "=== round $round: $tree"
         # Run from inside the tree: `python -m` puts the current folder first on sys.path.
-        (cd "$tree" && "$PY" -c "import flashdecode; print('  flashdecode from', flashdecode.__file__)")
+        (cd "$dir" && env "${envs[@]}" "$PY" -c "import flashdecode; print('  flashdecode from', flashdecode.__file__)")
         # shellcheck disable=SC2086
-        (cd "$tree" && "$PY" -m flashdecode.bench --out "$out" $BENCH_ARGS) >"$out.log" 2>&1 \
+        (cd "$dir" && env "${envs[@]}" "$PY" -m flashdecode.bench --out "$out" $BENCH_ARGS) >"$out.log" 2>&1 \
             || echo "round $round $tree: exit $? (log: $out.log)"
     done
 done
@@ -73,7 +79,7 @@ from pathlib import Path
 base, rounds, trees = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
 best = {}  # (shape, impl) -> {tree: us}
 for tree in trees:
-    name = tree.replace("/", "_").replace(".", "_")
+    name = "".join("_" if c in "/.:=," else c for c in tree)
     for r in range(1, rounds + 1):
         path = base / f"r{r}-{name}" / "results.json"
         try:

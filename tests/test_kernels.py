@@ -399,6 +399,51 @@ def test_paged_gather_modes_match_brute_force(page_size, windowed, device, monke
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("name, late", [
+    ("decode-gqa-page3-d80-rot", True),  # fused append: the extra tile of new keys sums per tile
+    ("spec-mqa-varlen-aligned", True),
+    ("softcap-rot-noninterleaved", True),
+    ("contig-leftpad-alibi-window-fp32", True),
+    ("prefill-causal-multitile", False),  # a 128 x 64 tile: never late
+])
+def test_late_row_sum_matches_brute_force(name, late, device, monkeypatch):
+    """``FLASHDECODE_LATE_ROW_SUM=1`` reaches decode tiles as LATE_SUM and gives the brute force's
+    result at every split count, within rounding of the per-tile sum's result."""
+    launch = _launch()
+    spy = _KernelSpy(launch.attention_split_kernel)
+    monkeypatch.setattr(launch, "attention_split_kernel", spy)
+    spec = next(s for s in SPECS if s.name == name)
+    p = build(spec, device, seed=9)
+    want_out, want_lse, _, _ = brute_force(p)
+    for n in spec.splits:
+        got = {}
+        for flag in ("0", "1"):
+            monkeypatch.setenv("FLASHDECODE_LATE_ROW_SUM", flag)
+            out, lse, _, _ = run_triton(p, n)
+            assert spy.calls[-1]["LATE_SUM"] is (late and flag == "1")
+            assert_close_attention(out, lse, want_out, want_lse, spec.dtype, f"{name} late={flag} splits={n}")
+            got[flag] = (out, lse)
+        fin = torch.isfinite(got["0"][1])
+        assert torch.equal(torch.isfinite(got["1"][1]), fin)
+        assert ((got["1"][1] - got["0"][1])[fin].abs() <= 1e-4).all()
+        assert (got["1"][0].float() - got["0"][0].float()).abs().max().item() <= 2 * TOL[spec.dtype][0]
+
+
+def test_late_row_sum_knob_is_checked(monkeypatch):
+    launch = _launch()
+    decode = launch.heuristics.TileConfig(block_m=16, block_n=64, num_warps=4, num_stages=3)
+    monkeypatch.delenv("FLASHDECODE_LATE_ROW_SUM", raising=False)
+    assert not launch.late_row_sum(decode)
+    monkeypatch.setenv("FLASHDECODE_LATE_ROW_SUM", "1")
+    assert launch.late_row_sum(decode)
+    prefill = launch.heuristics.TileConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    assert not launch.late_row_sum(prefill)
+    monkeypatch.setenv("FLASHDECODE_LATE_ROW_SUM", "yes")
+    with pytest.raises(ValueError, match="FLASHDECODE_LATE_ROW_SUM"):
+        launch.late_row_sum(decode)
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("tile_elements", [None, 2 * 128])
 def test_combine_in_one_tile_and_in_chunks_match_brute_force(tile_elements, device, monkeypatch):
     """The combine kernel loads every split's partial output at once when they fit

@@ -111,6 +111,7 @@ def attention_split_kernel(
     ROTARY_INTERLEAVED: tl.constexpr,
     ROTARY_PER_POSITION: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    LATE_SUM: tl.constexpr,
     APPEND: tl.constexpr,
     APPEND_ROWS: tl.constexpr,
     USE_PDL: tl.constexpr = False,
@@ -130,6 +131,9 @@ def attention_split_kernel(
 
     ``OFFSETS_32`` (the launcher's `offsets_32`): the cache's page and slot strides are in
     [2, 2**31), so key addresses take unsigned 32 x 32 -> 64-bit products (`wide_product`).
+
+    ``LATE_SUM`` (the launcher's `late_row_sum`): the key loop keeps the softmax denominators per
+    key column and sums them once after the loop (see `attend`).
 
     ``USE_PDL`` (a launch with programmatic dependent launch): wait for the previous kernel before
     the first load; let the next kernel launch once the key loop is done, so that its launch
@@ -251,7 +255,10 @@ def attention_split_kernel(
     K_BASE = K_CACHE + hk * stride_kh
     V_BASE = V_CACHE + hk * stride_vh
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P2], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if LATE_SUM:
+        l_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
     # Three runs of key tiles: masked [s_lo, full_lo), unmasked [full_lo, full_hi), masked
@@ -275,9 +282,11 @@ def attention_split_kernel(
                 stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
                 kv_lo, kv_hi_cache, rel_row, slope, qk_scale, softcap_log2, window_left, window_right,
                 HEAD_DIM, HEAD_DIM_P2, BLOCK_N, phase != 1, TILE_IN_PAGE, GATHER_PAGE, SINGLE_PAGE, OFFSETS_32,
-                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32,
+                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32, LATE_SUM,
             )
             page = page_next
+    if LATE_SUM:
+        l_i = tl.sum(l_i, 1)
 
     if APPEND:
         if split == num_splits - 1:  # the new keys, as one more (masked) key tile

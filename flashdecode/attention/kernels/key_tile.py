@@ -97,6 +97,7 @@ def key_tile(
     HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    LATE_SUM: tl.constexpr,
 ):
     """One key tile ``[start, start + BLOCK_N)`` of the online softmax.
 
@@ -158,7 +159,7 @@ def key_tile(
     v = tl.load(v_ptrs, mask=ld_mask, other=0.0)
     return attend(
         acc, l_i, m_i, q, k, v, offs_n, key_ok, rel_row, slope, qk_scale, softcap_log2, window_left, window_right,
-        MASKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32,
+        MASKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32, LATE_SUM,
     )
 
 
@@ -184,9 +185,15 @@ def attend(
     HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    LATE_SUM: tl.constexpr = False,
 ):
     """Online-softmax update of ``acc``/``l_i``/``m_i`` with keys ``k`` and values ``v`` at slots
-    ``offs_n``; with ``MASKED``, keys with ``key_ok`` false or outside a row's window are skipped."""
+    ``offs_n``; with ``MASKED``, keys with ``key_ok`` false or outside a row's window are skipped.
+
+    ``LATE_SUM``: ``l_i`` is ``(rows, keys of the tile)``, the rescaled sum of the probabilities
+    per key column, summed over the columns once after the key loop. The warps of a program split
+    the keys of a tile, so a per-tile row sum costs a reduction across warps through shared memory
+    (shuffles, stores, barriers, loads); this costs one multiply-add per element instead."""
     if DOT_FP32:
         qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
@@ -217,7 +224,10 @@ def attend(
         m_use = m_new
     p = tl.exp2(s - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    if LATE_SUM:
+        l_i = l_i * alpha[:, None] + p
+    else:
+        l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if DOT_FP32:
         # Round p to v's dtype first, as the 16-bit tensor-core path does.

@@ -36,6 +36,11 @@ LOG2E = math.log2(math.e)
 PAGED_GATHER_ENV = "FLASHDECODE_PAGED_GATHER"
 FUSED_APPEND_ENV = "FLASHDECODE_FUSED_APPEND"
 ATTENTION_PDL_ENV = "FLASHDECODE_ATTENTION_PDL"
+LATE_ROW_SUM_ENV = "FLASHDECODE_LATE_ROW_SUM"
+# Largest query-rows x keys tile whose per-column softmax denominators the key loop keeps
+# (`late_row_sum`): 2048 float32 values are 16 registers per thread at 4 warps. Prefill tiles
+# (128 x 64) are left out: compiled by Triton 3.6 for sm_90 they spilled.
+LATE_ROW_SUM_MAX_ELEMENTS = 2048
 # New keys per program of the append kernel.
 APPEND_BLOCK_T = 16
 # Up to this many new keys per sequence, the attention kernel appends them itself (no append kernel).
@@ -97,6 +102,22 @@ def attention_pdl(device: torch.device) -> bool:
     it took SmolLM2-135M from 1440 to 1666 tok/s and Llama-3-8B from 235.4 to 238.4; on the
     256-request throughput workload (run 17) SmolLM2 went from 36,230 to 42,120 tok/s."""
     return env_flag(ATTENTION_PDL_ENV, "1") and pdl_supported(device)
+
+
+def late_row_sum(cfg: heuristics.TileConfig) -> bool:
+    """The kernel's ``LATE_SUM`` (see `attend` in key_tile.py), for decode-sized tiles when
+    ``FLASHDECODE_LATE_ROW_SUM=1`` (read on every call; default ``0`` until timed on a GPU).
+
+    It removes a reduction across warps from every key tile. Compiled by Triton 3.6 for sm_90
+    (bf16, the variants `aot_check` builds), the unmasked key loop loses 8-10% of its
+    instructions: contiguous D=128 310 -> 278 (split) and 310 -> 283 (unsplit), D=64 338 -> 310,
+    paged page 16 317 -> 293 (D=128) and 381 -> 353 (D=64), MQA 438 -> 395, D=256 314 -> 288.
+    Registers stay within a few of before, except the split contiguous D=128 kernel (105 -> 168,
+    still 3 programs per SM, which its 70 KiB of shared memory allow) and the paged MQA one
+    (168 -> 183; its 16 bytes of spill go). The fused-append kernel goes from 182 registers to
+    168 with 16 bytes of spill. Not yet timed.
+    """
+    return env_flag(LATE_ROW_SUM_ENV, "0") and cfg.block_m * cfg.block_n <= LATE_ROW_SUM_MAX_ELEMENTS
 
 
 def pdl_supported(device: torch.device) -> bool:
@@ -228,6 +249,7 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bo
         ROTARY_PER_POSITION=p.causal or p.local,
         # fp32 inputs need exact (not tf32) products; the interpreter's dot mishandles bf16.
         DOT_FP32=q.dtype == torch.float32 or not q.is_cuda,
+        LATE_SUM=late_row_sum(cfg),
         APPEND=append,
         APPEND_ROWS=FUSED_APPEND_ROWS,
         USE_PDL=pdl,

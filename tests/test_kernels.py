@@ -296,12 +296,28 @@ def check_every_split_count(spec: Spec, device) -> None:
         written = (want_k != p.k_pages.cpu().double()).any(-1).any(-1)
         assert torch.equal(kc.cpu()[~written], p.k_pages.cpu()[~written]), "slots outside the append changed"
     # Split counts agree with each other within rounding of the output dtype.
-    base_out, base_lse = results[spec.splits[0]]
-    for n, (out, lse) in results.items():
-        fin = torch.isfinite(base_lse)
-        assert torch.equal(torch.isfinite(lse), fin)
-        assert ((lse - base_lse)[fin].abs() <= 1e-4).all()
-        assert (out.float() - base_out.float()).abs().max().item() <= 2 * TOL[spec.dtype][0]
+    for got in results.values():
+        assert_agree_within_rounding(got, results[spec.splits[0]], spec.dtype)
+
+
+def assert_agree_within_rounding(got, base, dt) -> None:
+    """Two kernel results ``(out, lse)`` of one problem that sum in different orders."""
+    (out, lse), (base_out, base_lse) = got, base
+    fin = torch.isfinite(base_lse)
+    assert torch.equal(torch.isfinite(lse), fin)
+    assert ((lse - base_lse)[fin].abs() <= 1e-4).all()
+    assert (out.float() - base_out.float()).abs().max().item() <= 2 * TOL[dt][0]
+
+
+def spied_spec_problem(name: str, device, monkeypatch, seed: int):
+    """(launch module, attention-kernel spy, spec, problem, want_out, want_lse) for a case of SPECS."""
+    launch = _launch()
+    spy = _KernelSpy(launch.attention_split_kernel)
+    monkeypatch.setattr(launch, "attention_split_kernel", spy)
+    spec = next(s for s in SPECS if s.name == name)
+    p = build(spec, device, seed=seed)
+    want_out, want_lse, _, _ = brute_force(p)
+    return launch, spy, spec, p, want_out, want_lse
 
 
 # ---- key addresses: unsigned 32-bit products or 64-bit products (OFFSETS_32) ----------------
@@ -313,12 +329,7 @@ def test_32_and_64_bit_key_offsets_match_brute_force(name, device, monkeypatch):
     """Both address paths equal the float64 brute force and each other bit for bit (paged with
     pages straddling tiles, paged with tile-aligned pages, contiguous); the launcher picks the
     32-bit one for these small caches."""
-    launch = _launch()
-    spy = _KernelSpy(launch.attention_split_kernel)
-    monkeypatch.setattr(launch, "attention_split_kernel", spy)
-    spec = next(s for s in SPECS if s.name == name)
-    p = build(spec, device, seed=5)
-    want_out, want_lse, _, _ = brute_force(p)
+    launch, spy, spec, p, want_out, want_lse = spied_spec_problem(name, device, monkeypatch, seed=5)
     got = {}
     for wide in (True, False):
         if not wide:
@@ -409,12 +420,7 @@ def test_paged_gather_modes_match_brute_force(page_size, windowed, device, monke
 def test_late_row_sum_matches_brute_force(name, late, device, monkeypatch):
     """``FLASHDECODE_LATE_ROW_SUM=1`` reaches decode tiles as LATE_SUM and gives the brute force's
     result at every split count, within rounding of the per-tile sum's result."""
-    launch = _launch()
-    spy = _KernelSpy(launch.attention_split_kernel)
-    monkeypatch.setattr(launch, "attention_split_kernel", spy)
-    spec = next(s for s in SPECS if s.name == name)
-    p = build(spec, device, seed=9)
-    want_out, want_lse, _, _ = brute_force(p)
+    _, spy, spec, p, want_out, want_lse = spied_spec_problem(name, device, monkeypatch, seed=9)
     for n in spec.splits:
         got = {}
         for flag in ("0", "1"):
@@ -423,10 +429,7 @@ def test_late_row_sum_matches_brute_force(name, late, device, monkeypatch):
             assert spy.calls[-1]["LATE_SUM"] is (late and flag == "1")
             assert_close_attention(out, lse, want_out, want_lse, spec.dtype, f"{name} late={flag} splits={n}")
             got[flag] = (out, lse)
-        fin = torch.isfinite(got["0"][1])
-        assert torch.equal(torch.isfinite(got["1"][1]), fin)
-        assert ((got["1"][1] - got["0"][1])[fin].abs() <= 1e-4).all()
-        assert (got["1"][0].float() - got["0"][0].float()).abs().max().item() <= 2 * TOL[spec.dtype][0]
+        assert_agree_within_rounding(got["1"], got["0"], spec.dtype)
 
 
 def test_late_row_sum_knob_is_checked(monkeypatch):

@@ -29,8 +29,8 @@ TARGET_PROGRAMS_PER_SM = 2
 # Upper end, in programs per SM, of the grids split into several waves (see `choose_num_splits`).
 # The name says what it was meant to be, the programs of the decode kernel one SM holds at once,
 # but the value is a measured threshold: compiled by Triton 3.6 for sm_90 (bf16, D=128, 64-key
-# tiles, 3 stages, 4 warps), the decode kernel has 152 registers per thread (139 paged) and 70 KiB
-# of shared memory, so an SM holds 3 of its programs, not 4. A grid of more than
+# tiles, 3 stages, 4 warps), the decode kernel had 152 registers per thread (105 since the 32-bit
+# key offsets) and has 70 KiB of shared memory, so an SM holds 3 of its programs, not 4. A grid of more than
 # TARGET_PROGRAMS_PER_SM and at most 4 programs per SM runs as one to 1.3 waves, uneven, and every
 # program streams for the whole kernel: 512 programs of 4096 keys took 293-295 us, 1.12-1.13x the
 # time of the same work split 3-4 ways (1536-2048 programs, several waves that balance themselves),

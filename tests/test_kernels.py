@@ -418,7 +418,7 @@ def test_paged_gather_modes_match_brute_force(page_size, windowed, device, monke
     ("prefill-causal-multitile", False),  # a 128 x 64 tile: never late
 ])
 def test_late_row_sum_matches_brute_force(name, late, device, monkeypatch):
-    """``FLASHDECODE_LATE_ROW_SUM=1`` reaches decode tiles as LATE_SUM and gives the brute force's
+    """``FLASHDECODE_LATE_ROW_SUM=1`` (the default) reaches decode tiles as LATE_SUM and gives the brute force's
     result at every split count, within rounding of the per-tile sum's result."""
     _, spy, spec, p, want_out, want_lse = spied_spec_problem(name, device, monkeypatch, seed=9)
     for n in spec.splits:
@@ -436,6 +436,8 @@ def test_late_row_sum_knob_is_checked(monkeypatch):
     launch = _launch()
     decode = launch.heuristics.TileConfig(block_m=16, block_n=64, num_warps=4, num_stages=3)
     monkeypatch.delenv("FLASHDECODE_LATE_ROW_SUM", raising=False)
+    assert launch.late_row_sum(decode)  # on by default
+    monkeypatch.setenv("FLASHDECODE_LATE_ROW_SUM", "0")
     assert not launch.late_row_sum(decode)
     monkeypatch.setenv("FLASHDECODE_LATE_ROW_SUM", "1")
     assert launch.late_row_sum(decode)

@@ -6,18 +6,22 @@
 #   QUICK=1 bash scripts/gpu_check.sh              # tests + --quick benchmark
 #   RUN_TESTS=0 BENCH_ARGS="--shapes decode" bash scripts/gpu_check.sh
 #
-# On an H200 (2026-11-28, runs 18-20) the GPU test pass, without the tests marked `interpreter`,
-# took about 8.5 minutes (the kernel tests 4.5, mostly compiling) and the full benchmark 3 (6 when
-# FlashInfer compiles its kernels), more than one 10-minute call. The pass now also runs the tests
-# marked `interpreter` (the Triton contract cases, split agreement, the kernels against the float64
-# brute force), compiled; they have not been timed on a GPU yet. Run the benchmark alone
-# (`RUN_TESTS=0 bash scripts/gpu_check.sh`) and the tests over several calls, e.g.
-#   RUN_BENCH=0 TEST_TIMEOUT=540 TEST_PATHS="tests/test_contract.py" bash scripts/gpu_check.sh
+# On an H200 (2026-11-28, runs 34-38) the GPU test pass, every test, takes about 25 minutes, most
+# of it compiling kernels: the modules below took 5:21 (372 tests) and 3:39 (329), and
+# tests/test_contract.py ran 668 of its tests in 9 minutes (the Triton cases compile about 3 s
+# each) before the call's limit. Run the benchmark alone (`RUN_TESTS=0 bash scripts/gpu_check.sh`)
+# and the tests over several calls; FLASHDECODE_TEST_SHARD=i/n runs every n-th test from the i-th:
+#   FLASHDECODE_TEST_SHARD=0/3 (then 1/3, then 2/3) RUN_BENCH=0 TEST_TIMEOUT=540 \
+#     TEST_PATHS="tests/test_contract.py" bash scripts/gpu_check.sh
 #   RUN_BENCH=0 TEST_TIMEOUT=540 TEST_PATHS="tests/test_kernels.py tests/test_unchecked_values.py \
 #     tests/test_ramps.py tests/test_heuristics.py tests/test_validation.py" bash scripts/gpu_check.sh
 #   RUN_BENCH=0 TEST_TIMEOUT=540 TEST_PATHS="tests/test_bench.py tests/test_bench_e2e.py \
-#     tests/test_cache_allocator.py tests/test_engine_*.py tests/test_models_*.py" bash scripts/gpu_check.sh
-# (together, every test module).
+#     tests/test_cache_allocator.py tests/test_engine_cli.py tests/test_engine_llm.py \
+#     tests/test_engine_sampling.py tests/test_engine_scheduler.py tests/test_engine_serving.py \
+#     tests/test_models_config.py tests/test_models_gguf.py tests/test_models_layers.py \
+#     tests/test_models_safetensors.py" bash scripts/gpu_check.sh
+# (together, every test module but tests/test_engine_default_model.py, which needs the default
+# model's package; a module named in TEST_PATHS is collected even where the default ignores it).
 #
 # Variables (all optional):
 #   PYTHON        interpreter (default python3)

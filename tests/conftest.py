@@ -33,7 +33,24 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "interpreter: runs Triton kernels in the interpreter on CPU (slow)")
 
 
+def _shard(spec: str) -> tuple[int, int]:
+    """``FLASHDECODE_TEST_SHARD=i/n``: run the i-th of n interleaved parts of the collected tests."""
+    try:
+        index, count = (int(x) for x in spec.split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if not 0 <= index < count:
+        raise pytest.UsageError(f"FLASHDECODE_TEST_SHARD must be 'i/n' with 0 <= i < n, got {spec!r}")
+    return index, count
+
+
 def pytest_collection_modifyitems(config, items):
+    shard = os.environ.get("FLASHDECODE_TEST_SHARD", "")
+    if shard:
+        # Splits a module too long for one call of a time-limited GPU machine (scripts/gpu_check.sh).
+        index, count = _shard(shard)
+        config.hook.pytest_deselected(items=[it for k, it in enumerate(items) if k % count != index])
+        items[:] = [it for k, it in enumerate(items) if k % count == index]
     if cuda_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")

@@ -355,15 +355,18 @@ def test_offsets_32_needs_page_and_slot_strides_in_2_to_2_31():
 # ---- paged gather variants (FLASHDECODE_PAGED_GATHER) --------------------------------------
 
 
-def _gather_spec(page_size: int, windowed: bool) -> Spec:
-    """GQA 4:1, D=32 (key tiles of 128 slots), 400-slot capacity (4 tiles: 3 splits leave one
-    empty), leftpad, and either a causal left window (masked tiles at both ends of the range,
-    unmasked ones in between) or a non-causal call with ALiBi and a right window."""
-    cap = 400
+def _gather_spec(page_size: int, windowed: bool, aligned: bool = False) -> Spec:
+    """GQA 4:1, D=32 (key tiles of 128 slots), leftpad, and either a causal left window (masked
+    tiles at both ends of the range, unmasked ones in between) or a non-causal call with ALiBi and
+    a right window. Capacity 400 slots (4 tiles: 3 splits leave one empty), a table width that is
+    no multiple of a tile's pages; or with ``aligned`` 512 slots, a table width that is (the
+    kernel's TABLE_ALIGNED), and a first sequence that fills the table to its last slot, so the
+    look-ahead read of the next tile's entries falls past the table."""
+    cap = 512 if aligned else 400
     return Spec(
-        f"gather-page{page_size}-{'causal-window' if windowed else 'alibi-right'}", q_lens=(1, 2, 1),
-        cache_lens=(397, 150, 260), new_lens=(1, 2, 0), heads=8, kv_heads=2, head_dim=32, dtype=torch.bfloat16,
-        page_size=page_size, max_pages=-(-cap // page_size), leftpad=(0, 37, 5),
+        f"gather-page{page_size}-{'causal-window' if windowed else 'alibi-right'}{'-aligned' if aligned else ''}",
+        q_lens=(1, 2, 1), cache_lens=(cap - 1 if aligned else 397, 150, 260), new_lens=(1, 2, 0), heads=8, kv_heads=2,
+        head_dim=32, dtype=torch.bfloat16, page_size=page_size, max_pages=-(-cap // page_size), leftpad=(0, 37, 5),
         causal=windowed, window=(230, 0) if windowed else (-1, 100), alibi=not windowed, splits=(1, 3),
     )
 
@@ -383,15 +386,19 @@ class _KernelSpy:
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("page_size, windowed", [(1, True), (2, False), (4, True), (16, True), (16, False), (3, True)])
-def test_paged_gather_modes_match_brute_force(page_size, windowed, device, monkeypatch):
+@pytest.mark.parametrize("page_size, windowed, aligned", [
+    (1, True, False), (2, False, False), (4, True, False), (16, True, False), (16, False, False), (3, True, False),
+    (16, True, True), (4, False, True), (2, True, True),
+])
+def test_paged_gather_modes_match_brute_force(page_size, windowed, aligned, device, monkeypatch):
     """Both gather modes equal the float64 brute force and each other bit for bit; ``page`` reaches
     the kernel as GATHER_PAGE = page size for powers of two below the key tile, and a page of 3
-    falls back to the per-slot lookup."""
+    falls back to the per-slot lookup; TABLE_ALIGNED is set exactly when the table's width is a
+    multiple of a tile's pages."""
     launch = _launch()
     spy = _KernelSpy(launch.attention_split_kernel)
     monkeypatch.setattr(launch, "attention_split_kernel", spy)
-    spec = _gather_spec(page_size, windowed)
+    spec = _gather_spec(page_size, windowed, aligned)
     p = build(spec, device, seed=page_size)
     want_out, want_lse, _, _ = brute_force(p)
     block_n = launch._plan(p)[0].block_n
@@ -404,6 +411,7 @@ def test_paged_gather_modes_match_brute_force(page_size, windowed, device, monke
             out, lse, _, _ = run_triton(p, n)
             want_gather = page_size if mode == "page" and page_size & (page_size - 1) == 0 else 0
             assert spy.calls[-1]["GATHER_PAGE"] == want_gather
+            assert spy.calls[-1]["TABLE_ALIGNED"] is (want_gather > 0 and aligned)
             assert_close_attention(out, lse, want_out, want_lse, spec.dtype, f"{spec.name} {mode} splits={n}")
             got[mode] = (out, lse)
         assert torch.equal(got["row"][0], got["page"][0]) and torch.equal(got["row"][1], got["page"][1])

@@ -102,6 +102,7 @@ def attention_split_kernel(
     TILE_IN_PAGE: tl.constexpr,
     GATHER_PAGE: tl.constexpr,
     SINGLE_PAGE: tl.constexpr,
+    TABLE_ALIGNED: tl.constexpr,
     OFFSETS_32: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr,
     HAS_WINDOW_RIGHT: tl.constexpr,
@@ -272,10 +273,13 @@ def attention_split_kernel(
             lo, hi = full_lo, full_hi
         else:
             lo, hi = full_hi, s_hi
-        page = page_ids(BT_ROW, lo, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE, SINGLE_PAGE)
+        page = page_ids(
+            BT_ROW, lo, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE, SINGLE_PAGE, TABLE_ALIGNED,
+        )
         for start in range(lo, hi, BLOCK_N):
             page_next = page_ids(
                 BT_ROW, start + BLOCK_N, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE, SINGLE_PAGE,
+                TABLE_ALIGNED,
             )
             acc, l_i, m_i = key_tile(
                 acc, l_i, m_i, q, start, page, K_BASE, V_BASE, num_pages, page_size,

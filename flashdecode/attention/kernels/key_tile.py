@@ -16,9 +16,10 @@ from flashdecode.attention.kernels.rounding import cast_to
 @triton.jit
 def page_ids(
     BT_ROW, start, max_pages, page_size, BLOCK_N: tl.constexpr, TILE_IN_PAGE: tl.constexpr, GATHER_PAGE: tl.constexpr,
-    SINGLE_PAGE: tl.constexpr,
+    SINGLE_PAGE: tl.constexpr, TABLE_ALIGNED: tl.constexpr = False,
 ):
-    """Page id of each slot of the key tile at ``start`` (-1 past the block table).
+    """Page id of each slot of the key tile at ``start`` (-1 past the block table, or any id of
+    the table for the slots of a tile past it with ``GATHER_PAGE``).
 
     ``SINGLE_PAGE`` (a table of one page per sequence, as every contiguous cache has): the entry's
     address does not depend on ``start``, so its load needs no earlier load (the cache lengths) and
@@ -30,14 +31,24 @@ def page_ids(
     repeated for the ``GATHER_PAGE`` slots of its page, instead of one lookup (and one integer
     division by the runtime page size) per slot. ``start`` must then be a multiple of ``BLOCK_N``
     (every processed tile is).
+
+    ``TABLE_ALIGNED`` (with ``GATHER_PAGE``; the launcher's `aligned_table`): the table's width is a
+    multiple of the tile's page count, so a tile's pages lie all in the table or all past it. The
+    tile then reads its entries as one contiguous, aligned vector from a clamped start (a tile past
+    the table reads the last ones; its slots are past the capacity and masked): vector loads
+    instead of one load and one clamp per entry.
     """
     if SINGLE_PAGE:
         page = tl.load(BT_ROW) + tl.zeros([BLOCK_N], dtype=tl.int32)
     elif GATHER_PAGE > 0:
         NP: tl.constexpr = BLOCK_N // GATHER_PAGE
-        # Clamped to the table instead of masked: a slot past the table is past the capacity,
-        # so every key loop masks it (or never reaches it), whatever page it gets.
-        pidx = tl.minimum(start // GATHER_PAGE + tl.arange(0, NP), max_pages - 1)
+        if TABLE_ALIGNED:
+            first = tl.multiple_of(tl.minimum(start // GATHER_PAGE, max_pages - NP), NP)
+            pidx = first + tl.arange(0, NP)
+        else:
+            # Clamped to the table instead of masked: a slot past the table is past the capacity,
+            # so every key loop masks it (or never reaches it), whatever page it gets.
+            pidx = tl.minimum(start // GATHER_PAGE + tl.arange(0, NP), max_pages - 1)
         pg = tl.load(BT_ROW + pidx)
         page = tl.reshape(tl.broadcast_to(pg[:, None], (NP, GATHER_PAGE)), (BLOCK_N,))
     elif TILE_IN_PAGE:  # one page for the whole tile: one lookup, repeated for every slot

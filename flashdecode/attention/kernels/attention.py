@@ -266,6 +266,13 @@ def attention_split_kernel(
     # [full_hi, s_hi) (unrolled: MASKED is a compile-time constant in each). The block-table
     # entries of the next tile are read one iteration ahead, so that the K/V loads do not wait on a
     # load of the same iteration and pipeline as deep as num_stages allows.
+    # What Triton 3.6 makes of this (sm_90 TTGIR, paged, page 16): the K/V copies run
+    # num_stages - 1 tiles ahead, but the table read for a tile lands in the same pipelined
+    # iteration as that tile's copies, right before them, so each iteration waits one memory
+    # round trip for the table before it can issue its copies. Reading the entries inside the
+    # loop instead (no look-ahead) makes Triton pipeline the table as an indirect load, but then
+    # the K/V copies run only one tile ahead; reading them two tiles ahead stops it from
+    # pipelining at all. Neither was timed.
     for phase in tl.static_range(3):
         if phase == 0:
             lo, hi = s_lo, full_lo

@@ -440,6 +440,60 @@ def test_late_row_sum_matches_brute_force(name, late, device, monkeypatch):
         assert_agree_within_rounding(got["1"], got["0"], spec.dtype)
 
 
+class _PoisonedEmpty:
+    """Stands in for `torch` in launch.py: ``empty`` returns NaN-filled float tensors, so that a
+    workspace read before it is written (e.g. reused from an earlier call) shows."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        t = torch.empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name", [
+    "decode-gqa-page3-d80-rot",  # fused append: the last split also attends the new keys
+    "spec-mqa-varlen-aligned",  # an empty sequence (no program of it reaches the merge), empty rows
+    "prefill-causal-multitile",  # several query tiles, hence several counters per sequence
+    "contig-leftpad-alibi-window-fp32",
+])
+def test_combine_in_kernel_matches_brute_force(name, device, monkeypatch):
+    """``FLASHDECODE_COMBINE_IN_KERNEL=1``: split launches merge their partials in the attention
+    kernel (no combine kernel runs) and give the brute force's result at every split count, within
+    rounding of the combine kernel's."""
+    launch, spy, spec, p, want_out, want_lse = spied_spec_problem(name, device, monkeypatch, seed=11)
+    monkeypatch.setattr(launch, "torch", _PoisonedEmpty())  # a merge that reads early reads NaN
+    combine_spy = _KernelSpy(launch.combine_splits_kernel)
+    monkeypatch.setattr(launch, "combine_splits_kernel", combine_spy)
+    assert any(launch._plan(dataclasses.replace(p, num_splits=n))[2] > 1 for n in spec.splits)
+    for n in spec.splits:
+        split = launch._plan(dataclasses.replace(p, num_splits=n))[2] > 1
+        got = {}
+        for flag in ("0", "1"):
+            monkeypatch.setenv("FLASHDECODE_COMBINE_IN_KERNEL", flag)
+            combines_before = len(combine_spy.calls)
+            out, lse, _, _ = run_triton(p, n)
+            assert spy.calls[-1]["COMBINE_IN_KERNEL"] is (split and flag == "1")
+            assert (len(combine_spy.calls) > combines_before) is (split and flag == "0")
+            assert_close_attention(out, lse, want_out, want_lse, spec.dtype, f"{name} in-kernel={flag} splits={n}")
+            got[flag] = (out, lse)
+        assert_agree_within_rounding(got["1"], got["0"], spec.dtype)
+
+
+def test_combine_in_kernel_knob_is_checked(monkeypatch):
+    launch = _launch()
+    monkeypatch.delenv("FLASHDECODE_COMBINE_IN_KERNEL", raising=False)
+    assert not launch.combine_in_kernel()  # off by default until timed
+    monkeypatch.setenv("FLASHDECODE_COMBINE_IN_KERNEL", "1")
+    assert launch.combine_in_kernel()
+    monkeypatch.setenv("FLASHDECODE_COMBINE_IN_KERNEL", "2")
+    with pytest.raises(ValueError, match="FLASHDECODE_COMBINE_IN_KERNEL"):
+        launch.combine_in_kernel()
+
+
 def test_late_row_sum_knob_is_checked(monkeypatch):
     launch = _launch()
     decode = launch.heuristics.TileConfig(block_m=16, block_n=64, num_warps=4, num_stages=3)

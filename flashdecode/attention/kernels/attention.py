@@ -33,6 +33,7 @@ import triton.language as tl
 from flashdecode.attention.kernels.append import load_new_rows, locate_new_rows, store_new_rows
 from flashdecode.attention.kernels.constants import LN2, LOG2E
 from flashdecode.attention.kernels.key_tile import attend, key_tile, page_ids
+from flashdecode.attention.kernels.last_split import merge_if_last
 from flashdecode.attention.kernels.rotary import load_rotated
 from flashdecode.attention.kernels.rounding import cast_to
 
@@ -93,6 +94,14 @@ def attention_split_kernel(
     stride_vnt,
     stride_vnh,
     stride_vnd,
+    FINAL_OUT,
+    FINAL_LSE,
+    SPLIT_COUNTERS,
+    stride_fot,
+    stride_foh,
+    stride_fod,
+    stride_flh,
+    stride_flt,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
@@ -115,6 +124,7 @@ def attention_split_kernel(
     LATE_SUM: tl.constexpr,
     APPEND: tl.constexpr,
     APPEND_ROWS: tl.constexpr,
+    COMBINE_IN_KERNEL: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
     """Grid ``(num_m_tiles * num_kv_heads, batch, num_splits)``.
@@ -135,6 +145,11 @@ def attention_split_kernel(
 
     ``LATE_SUM`` (the launcher's `late_row_sum`): the key loop keeps the softmax denominators per
     key column and sums them once after the loop (see `attend`).
+
+    ``COMBINE_IN_KERNEL`` (with ``SPLIT``; the launcher's `combine_in_kernel`): the last split of
+    each (query tile, KV head, sequence) to finish merges the partials into ``FINAL_OUT``
+    (total_q, H, D) and ``FINAL_LSE`` (H, total_q), counting arrivals in ``SPLIT_COUNTERS`` (one
+    int32 per program of a split, zeroed before the launch); see `merge_if_last`.
 
     ``USE_PDL`` (a launch with programmatic dependent launch): wait for the previous kernel before
     the first load; let the next kernel launch once the key loop is done, so that its launch
@@ -329,6 +344,13 @@ def attention_split_kernel(
         o_base = OUT + split.to(tl.int64) * stride_os
         tl.store(o_base + o_rows[:, None] + offs_d[None, :] * stride_od, out, mask=o_mask)
         tl.store(LSE + split.to(tl.int64) * stride_ls + l_offs, tl.where(has_key, lse2, float("-inf")), mask=row_ok)
+        if COMBINE_IN_KERNEL:
+            merge_if_last(
+                SPLIT_COUNTERS + b * tl.num_programs(0) + pid0, num_splits, OUT, LSE, stride_os, stride_ls,
+                o_rows, l_offs, offs_d, o_mask, row_ok, FINAL_OUT, FINAL_LSE,
+                token.to(tl.int64) * stride_fot + head * stride_foh, stride_fod,
+                head * stride_flh + token.to(tl.int64) * stride_flt, BLOCK_M, HEAD_DIM_P2,
+            )
     else:
         tl.store(OUT + o_rows[:, None] + offs_d[None, :] * stride_od, cast_to(out, OUT.dtype.element_ty), mask=o_mask)
         tl.store(LSE + l_offs, tl.where(has_key, lse2 * LN2, float("inf")), mask=row_ok)

@@ -37,6 +37,7 @@ PAGED_GATHER_ENV = "FLASHDECODE_PAGED_GATHER"
 FUSED_APPEND_ENV = "FLASHDECODE_FUSED_APPEND"
 ATTENTION_PDL_ENV = "FLASHDECODE_ATTENTION_PDL"
 LATE_ROW_SUM_ENV = "FLASHDECODE_LATE_ROW_SUM"
+COMBINE_IN_KERNEL_ENV = "FLASHDECODE_COMBINE_IN_KERNEL"
 # Largest query-rows x keys tile whose per-column softmax denominators the key loop keeps
 # (`late_row_sum`): 2048 float32 values are 16 registers per thread at 4 warps. Prefill tiles
 # (128 x 64) are left out: compiled by Triton 3.6 for sm_90 they spilled.
@@ -102,6 +103,19 @@ def attention_pdl(device: torch.device) -> bool:
     it took SmolLM2-135M from 1440 to 1666 tok/s and Llama-3-8B from 235.4 to 238.4; on the
     256-request throughput workload (run 17) SmolLM2 went from 36,230 to 42,120 tok/s."""
     return env_flag(ATTENTION_PDL_ENV, "1") and pdl_supported(device)
+
+
+def combine_in_kernel() -> bool:
+    """``FLASHDECODE_COMBINE_IN_KERNEL=1`` (read on every call; default ``0``, not yet timed): a
+    split launch merges its partials in the attention kernel, by the last split of each group to
+    finish (`merge_if_last`), instead of a second kernel.
+
+    The arrival counters are a fresh zeroed int32 tensor per call (one memset), so that calls on
+    different streams or CUDA graphs never share them. What it should save: the combine kernel
+    and its launch, about 4.5 µs of the MQA decode on an H200 (run 30), a few µs on every split
+    decode.
+    """
+    return env_flag(COMBINE_IN_KERNEL_ENV, "0")
 
 
 def aligned_table(max_pages: int, block_n: int, gather_page: int) -> bool:
@@ -231,6 +245,9 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bo
     pdl_launch = {"launch_pdl": True} if pdl else {}
     gather = heuristics.gather_page(page_size, cfg.block_n, paged_gather_mode())
     grid = (n_m_tiles * num_kv_heads, p.batch, splits)
+    in_kernel = splits > 1 and combine_in_kernel()
+    # One arrival counter per program of a split (int32 placeholder otherwise, never read).
+    counters = torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=q.device) if in_kernel else p.cache_seqlens
     attention_split_kernel[grid](
         q, kc, vc, bt, p.cu_seqlens_q, p.cache_seqlens, p.cache_leftpad, p.cu_seqlens_k_new,
         p.rotary_seqlens, cos, sin, alibi, o_dst, l_dst, kn, vn,
@@ -246,6 +263,9 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bo
         *l_strides,
         kn.stride(0), kn.stride(1), kn.stride(2),
         vn.stride(0), vn.stride(1), vn.stride(2),
+        out, lse, counters,
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
         GROUP=group,
         HEAD_DIM=head_dim,
         HEAD_DIM_P2=d_p2,
@@ -269,12 +289,13 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bo
         LATE_SUM=late_row_sum(cfg),
         APPEND=append,
         APPEND_ROWS=FUSED_APPEND_ROWS,
+        COMBINE_IN_KERNEL=in_kernel,
         USE_PDL=pdl,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **pdl_launch,
     )
-    if splits > 1:
+    if splits > 1 and not in_kernel:
         splits_p2 = max(2, heuristics.next_pow2(splits))
         combine_splits_kernel[(total_q, num_heads)](
             o_dst, l_dst, out, lse, splits,

@@ -479,8 +479,23 @@ def test_combine_in_kernel_matches_brute_force(name, device, monkeypatch):
             assert spy.calls[-1]["COMBINE_IN_KERNEL"] is (split and flag == "1")
             assert (len(combine_spy.calls) > combines_before) is (split and flag == "0")
             assert_close_attention(out, lse, want_out, want_lse, spec.dtype, f"{name} in-kernel={flag} splits={n}")
+            # The merging programs leave the reused counters at zero for the next call.
+            assert not launch.ARRIVAL_COUNTERS.get(p.q.device, 1).any()
             got[flag] = (out, lse)
         assert_agree_within_rounding(got["1"], got["0"], spec.dtype)
+
+
+def test_arrival_counters_are_kept_zeroed_and_grown():
+    launch = _launch()
+    counters = launch.ArrivalCounters()
+    cpu = torch.device("cpu")
+    first = counters.get(cpu, 10)
+    assert first.dtype == torch.int32 and first.numel() >= 10 and not first.any()
+    assert counters.get(cpu, 4) is first  # big enough: the same buffer
+    grown = counters.get(cpu, 11)
+    assert grown is not first and grown.numel() >= 11 and not grown.any()
+    assert counters.get(cpu, 11) is grown
+    assert any(t is first for t in counters._replaced)  # a captured graph may still use it
 
 
 def test_combine_in_kernel_knob_is_checked(monkeypatch):
@@ -765,11 +780,15 @@ def _decode_problem(g, device, *, B=4, H=8, Hk=2, D=128, page_size=16, max_pages
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("in_kernel", ["0", "1"], ids=["combine-kernel", "combine-in-kernel"])
 @pytest.mark.parametrize("pdl", ["0", "1"], ids=["plain-launch", "attention-pdl"])
 @pytest.mark.parametrize("num_splits", [0, 1, 3])
-def test_cuda_graph_replay_equals_eager(num_splits, pdl, monkeypatch):
-    """Also with the attention and combine kernels under programmatic dependent launch."""
+def test_cuda_graph_replay_equals_eager(num_splits, pdl, in_kernel, monkeypatch):
+    """Also with the attention and combine kernels under programmatic dependent launch, and with
+    the split partials merged in the attention kernel (its arrival counters: the warm-up's buffer
+    on a side stream, a buffer of the graph's own, the eager calls' on the current stream)."""
     monkeypatch.setenv("FLASHDECODE_ATTENTION_PDL", pdl)
+    monkeypatch.setenv("FLASHDECODE_COMBINE_IN_KERNEL", in_kernel)
     device = torch.device("cuda")
     launch = _launch()
     g = torch.Generator().manual_seed(21)

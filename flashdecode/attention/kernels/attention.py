@@ -149,7 +149,7 @@ def attention_split_kernel(
     ``COMBINE_IN_KERNEL`` (with ``SPLIT``; the launcher's `combine_in_kernel`): the last split of
     each (query tile, KV head, sequence) to finish merges the partials into ``FINAL_OUT``
     (total_q, H, D) and ``FINAL_LSE`` (H, total_q), counting arrivals in ``SPLIT_COUNTERS`` (one
-    int32 per program of a split, zeroed before the launch); see `merge_if_last`.
+    int32 per program of a split, zero before the launch and after it); see `merge_if_last`.
 
     ``USE_PDL`` (a launch with programmatic dependent launch): wait for the previous kernel before
     the first load; let the next kernel launch once the key loop is done, so that its launch

@@ -2,8 +2,8 @@
 second kernel (`combine.py`).
 
 Every program of a split launch stores its partial output and LSE, then counts itself in on one
-counter per (query tile, KV head, sequence), zeroed before the launch. The program that arrives
-last reads every split's partials for its rows and writes the final output.
+counter per (query tile, KV head, sequence), zero before the launch. The program that arrives
+last sets it back to zero, reads every split's partials for its rows and writes the final output.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def merge_if_last(
     tl.debug_barrier()
     arrived = tl.atomic_add(COUNTER, 1, sem="acq_rel")
     if arrived == num_splits - 1:
+        tl.atomic_xchg(COUNTER, 0)  # every split has arrived: zero for the next launch
         m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         denom = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM_P2], dtype=tl.float32)

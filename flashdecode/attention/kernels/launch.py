@@ -28,6 +28,7 @@ import triton
 
 from flashdecode.attention import heuristics
 from flashdecode.attention.kernels.append import append_kv_kernel
+from flashdecode.attention.kernels.arrival_counters import ArrivalCounters
 from flashdecode.attention.kernels.attention import attention_split_kernel
 from flashdecode.attention.kernels.combine import combine_splits_kernel
 from flashdecode.attention.problem import PackedProblem
@@ -42,6 +43,8 @@ COMBINE_IN_KERNEL_ENV = "FLASHDECODE_COMBINE_IN_KERNEL"
 # (`late_row_sum`): 2048 float32 values are 16 registers per thread at 4 warps. Prefill tiles
 # (128 x 64) are left out: compiled by Triton 3.6 for sm_90 they spilled.
 LATE_ROW_SUM_MAX_ELEMENTS = 2048
+# Arrival counters of the in-kernel merge (`combine_in_kernel`), kept between calls.
+ARRIVAL_COUNTERS = ArrivalCounters()
 # New keys per program of the append kernel.
 APPEND_BLOCK_T = 16
 # Up to this many new keys per sequence, the attention kernel appends them itself (no append kernel).
@@ -110,10 +113,10 @@ def combine_in_kernel() -> bool:
     split launch merges its partials in the attention kernel, by the last split of each group to
     finish (`merge_if_last`), instead of a second kernel.
 
-    The arrival counters are a fresh zeroed int32 tensor per call (one memset), so that calls on
-    different streams or CUDA graphs never share them. What it should save: the combine kernel
-    and its launch, about 4.5 µs of the MQA decode on an H200 (run 30), a few µs on every split
-    decode.
+    The arrival counters, one int32 per program of a split, are kept between calls and left at
+    zero by the kernel (`ARRIVAL_COUNTERS`; see arrival_counters.py for streams and CUDA graphs).
+    What it should save: the combine kernel and its launch, about 4.5 µs of the MQA decode on an
+    H200 (run 30), a few µs on every split decode.
     """
     return env_flag(COMBINE_IN_KERNEL_ENV, "0")
 
@@ -247,7 +250,7 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bo
     grid = (n_m_tiles * num_kv_heads, p.batch, splits)
     in_kernel = splits > 1 and combine_in_kernel()
     # One arrival counter per program of a split (int32 placeholder otherwise, never read).
-    counters = torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=q.device) if in_kernel else p.cache_seqlens
+    counters = ARRIVAL_COUNTERS.get(q.device, grid[0] * grid[1]) if in_kernel else p.cache_seqlens
     attention_split_kernel[grid](
         q, kc, vc, bt, p.cu_seqlens_q, p.cache_seqlens, p.cache_leftpad, p.cu_seqlens_k_new,
         p.rotary_seqlens, cos, sin, alibi, o_dst, l_dst, kn, vn,

@@ -1,15 +1,16 @@
 """Arrival counters of the in-kernel merge (`last_split.merge_if_last`), reused across calls.
 
 The merging program of each group sets its counter back to zero, so a buffer is all zeros
-whenever no launch that uses it is running. One buffer per (device, stream): launches on one
-stream run in order (with programmatic dependent launch, a kernel's first load still waits for the
-previous kernel to finish), so no two launches share a buffer at the same time.
+whenever no launch that uses it is running.
 
-CUDA-graph capture: a capture uses the capturing stream's buffer if one was made outside a
-capture; otherwise it gets a new zeroed buffer of its own (the zero fill becomes a node of the
-graph and runs at each replay), which is not kept for other calls, since its zeros exist only once
-the graph has run. Graphs that share a buffer must not be replayed concurrently, nor while an
-uncaptured call on the capturing stream runs.
+- Uncaptured calls: one buffer per (device, stream). Launches on one stream run in order (with
+  programmatic dependent launch, a kernel's first load still waits for the previous kernel to
+  finish), so no two launches share a buffer at the same time.
+- CUDA-graph capture: every graph captured on a device uses that device's capture buffer, made
+  (zeroed) by an uncaptured call beforehand, as the warm-up before a capture is. Graphs that share
+  it must not be replayed concurrently. A capture with no such buffer, or too small a one, gets a
+  buffer of its own whose zero fill becomes a node of the graph, run at each replay; it is not
+  kept for other calls, since its zeros exist only once the graph has run.
 """
 
 from __future__ import annotations
@@ -18,26 +19,35 @@ import torch
 
 
 class ArrivalCounters:
-    """Zeroed int32 buffers by (device, stream), grown by replacement."""
+    """Zeroed int32 buffers, grown by replacement."""
 
     def __init__(self) -> None:
-        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._by_stream: dict[tuple, torch.Tensor] = {}
+        self._for_capture: dict[tuple, torch.Tensor] = {}
         # Replaced buffers stay alive: a captured graph may still use one.
         self._replaced: list[torch.Tensor] = []
 
     def get(self, device: torch.device, count: int) -> torch.Tensor:
-        """At least ``count`` zeroed int32 counters on ``device`` for the current stream."""
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        """At least ``count`` int32 counters on ``device``, all zero, for a launch on the current
+        stream (or the capture under way)."""
+        dev = (device.type, device.index)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            shared = self._for_capture.get(dev)
+            if shared is not None and shared.numel() >= count:
+                return shared
+            return torch.zeros(count, dtype=torch.int32, device=device)
         stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-        key = (device.type, device.index, stream)
-        buffer = self._buffers.get(key)
+        buffer = self._grown(self._by_stream, dev + (stream,), device, count)
+        if device.type == "cuda":
+            self._grown(self._for_capture, dev, device, count)
+        return buffer
+
+    def _grown(self, buffers: dict, key: tuple, device: torch.device, count: int) -> torch.Tensor:
+        buffer = buffers.get(key)
         if buffer is not None and buffer.numel() >= count:
             return buffer
-        fresh = torch.zeros(max(count, 2 * buffer.numel() if buffer is not None else 0), dtype=torch.int32,
-                            device=device)
-        if capturing:
-            return fresh
+        size = max(count, 2 * buffer.numel()) if buffer is not None else count
         if buffer is not None:
             self._replaced.append(buffer)
-        self._buffers[key] = fresh
-        return fresh
+        buffers[key] = torch.zeros(size, dtype=torch.int32, device=device)
+        return buffers[key]

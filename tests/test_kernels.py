@@ -418,6 +418,47 @@ def test_paged_gather_modes_match_brute_force(page_size, windowed, aligned, devi
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("page_size, windowed, aligned", [(16, True, True), (4, False, False), (2, True, True)])
+def test_table_read_in_the_loop_matches_brute_force(page_size, windowed, aligned, device, monkeypatch):
+    """``FLASHDECODE_TABLE_ASYNC=1`` reaches per-page gathers as TABLE_ASYNC with two more pipeline
+    stages, equals the float64 brute force, and equals the look-ahead read bit for bit (the same
+    entries, read at another time)."""
+    launch = _launch()
+    spy = _KernelSpy(launch.attention_split_kernel)
+    monkeypatch.setattr(launch, "attention_split_kernel", spy)
+    monkeypatch.setenv("FLASHDECODE_PAGED_GATHER", "page")
+    spec = _gather_spec(page_size, windowed, aligned)
+    p = build(spec, device, seed=page_size + 40)
+    want_out, want_lse, _, _ = brute_force(p)
+    for n in spec.splits:
+        got = {}
+        for flag in ("0", "1"):
+            monkeypatch.setenv("FLASHDECODE_TABLE_ASYNC", flag)
+            out, lse, _, _ = run_triton(p, n)
+            assert spy.calls[-1]["TABLE_ASYNC"] is (flag == "1")
+            got[flag] = (out, lse, spy.calls[-1]["num_stages"])
+            assert_close_attention(out, lse, want_out, want_lse, spec.dtype, f"{spec.name} async={flag} splits={n}")
+        assert got["1"][2] == got["0"][2] + launch.TABLE_ASYNC_EXTRA_STAGES
+        assert torch.equal(got["1"][0], got["0"][0]) and torch.equal(got["1"][1], got["0"][1])
+
+
+def test_table_read_in_the_loop_only_for_per_page_gathers(monkeypatch):
+    launch = _launch()
+    decode = launch.heuristics.TileConfig(block_m=16, block_n=64, num_warps=4, num_stages=3)
+    prefill = launch.heuristics.TileConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    monkeypatch.delenv("FLASHDECODE_TABLE_ASYNC", raising=False)
+    assert not launch.table_async(decode, False, 16)  # off by default until timed
+    monkeypatch.setenv("FLASHDECODE_TABLE_ASYNC", "1")
+    assert launch.table_async(decode, False, 16)
+    assert not launch.table_async(decode, True, 0)  # contiguous: one entry, no table read to hide
+    assert not launch.table_async(decode, False, 0)  # lookups per slot or per tile
+    assert not launch.table_async(prefill, False, 16)
+    monkeypatch.setenv("FLASHDECODE_TABLE_ASYNC", "yes")
+    with pytest.raises(ValueError, match="FLASHDECODE_TABLE_ASYNC"):
+        launch.table_async(decode, False, 16)
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("name, late", [
     ("decode-gqa-page3-d80-rot", True),  # fused append: the extra tile of new keys sums per tile
     ("spec-mqa-varlen-aligned", True),

@@ -112,6 +112,7 @@ def attention_split_kernel(
     GATHER_PAGE: tl.constexpr,
     SINGLE_PAGE: tl.constexpr,
     TABLE_ALIGNED: tl.constexpr,
+    TABLE_ASYNC: tl.constexpr,
     OFFSETS_32: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr,
     HAS_WINDOW_RIGHT: tl.constexpr,
@@ -278,16 +279,17 @@ def attention_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
     # Three runs of key tiles: masked [s_lo, full_lo), unmasked [full_lo, full_hi), masked
-    # [full_hi, s_hi) (unrolled: MASKED is a compile-time constant in each). The block-table
-    # entries of the next tile are read one iteration ahead, so that the K/V loads do not wait on a
-    # load of the same iteration and pipeline as deep as num_stages allows.
-    # What Triton 3.6 makes of this (sm_90 TTGIR, paged, page 16): the K/V copies run
-    # num_stages - 1 tiles ahead, but the table read for a tile lands in the same pipelined
-    # iteration as that tile's copies, right before them, so each iteration waits one memory
-    # round trip for the table before it can issue its copies. Reading the entries inside the
-    # loop instead (no look-ahead) makes Triton pipeline the table as an indirect load, but then
-    # the K/V copies run only one tile ahead; reading them two tiles ahead stops it from
-    # pipelining at all. Neither was timed.
+    # [full_hi, s_hi) (unrolled: MASKED is a compile-time constant in each).
+    # Block-table entries, two ways (paged caches; a contiguous cache's one entry needs no earlier
+    # load). By default the next tile's entries are read one iteration ahead into registers.
+    # Compiled by Triton 3.6 for sm_90, the K/V copies then run num_stages - 1 tiles ahead, but a
+    # tile's table read lands in the same pipelined iteration as its copies, right before them:
+    # each iteration waits one memory round trip before it can issue its copies. With
+    # ``TABLE_ASYNC`` the entries are read in the iteration that uses them, which Triton pipelines
+    # as an indirect load: the table goes to shared memory by asynchronous copies, in its own
+    # stage, ahead of the K/V copies that read it. That takes two more stages for the same K/V
+    # depth (the launcher's `table_async`: 5 instead of 3, same shared memory). Reading the
+    # entries two tiles ahead into registers stops Triton from pipelining the loop at all.
     for phase in tl.static_range(3):
         if phase == 0:
             lo, hi = s_lo, full_lo
@@ -295,14 +297,21 @@ def attention_split_kernel(
             lo, hi = full_lo, full_hi
         else:
             lo, hi = full_hi, s_hi
-        page = page_ids(
-            BT_ROW, lo, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE, SINGLE_PAGE, TABLE_ALIGNED,
-        )
-        for start in range(lo, hi, BLOCK_N):
-            page_next = page_ids(
-                BT_ROW, start + BLOCK_N, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE, SINGLE_PAGE,
-                TABLE_ALIGNED,
+        if not TABLE_ASYNC:
+            page = page_ids(
+                BT_ROW, lo, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE, SINGLE_PAGE, TABLE_ALIGNED,
             )
+        for start in range(lo, hi, BLOCK_N):
+            if TABLE_ASYNC:
+                page = page_ids(
+                    BT_ROW, start, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE, SINGLE_PAGE,
+                    TABLE_ALIGNED,
+                )
+            else:
+                page_next = page_ids(
+                    BT_ROW, start + BLOCK_N, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE, SINGLE_PAGE,
+                    TABLE_ALIGNED,
+                )
             acc, l_i, m_i = key_tile(
                 acc, l_i, m_i, q, start, page, K_BASE, V_BASE, num_pages, page_size,
                 stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
@@ -310,7 +319,8 @@ def attention_split_kernel(
                 HEAD_DIM, HEAD_DIM_P2, BLOCK_N, phase != 1, TILE_IN_PAGE, GATHER_PAGE, SINGLE_PAGE, OFFSETS_32,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32, LATE_SUM,
             )
-            page = page_next
+            if not TABLE_ASYNC:
+                page = page_next
     if LATE_SUM:
         l_i = tl.sum(l_i, 1)
 

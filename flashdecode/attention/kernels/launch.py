@@ -39,6 +39,9 @@ FUSED_APPEND_ENV = "FLASHDECODE_FUSED_APPEND"
 ATTENTION_PDL_ENV = "FLASHDECODE_ATTENTION_PDL"
 LATE_ROW_SUM_ENV = "FLASHDECODE_LATE_ROW_SUM"
 COMBINE_IN_KERNEL_ENV = "FLASHDECODE_COMBINE_IN_KERNEL"
+TABLE_ASYNC_ENV = "FLASHDECODE_TABLE_ASYNC"
+# Pipeline stages `table_async` adds: one for the table's own copies, one to keep the K/V depth.
+TABLE_ASYNC_EXTRA_STAGES = 2
 # Largest query-rows x keys tile whose per-column softmax denominators the key loop keeps
 # (`late_row_sum`): 2048 float32 values are 16 registers per thread at 4 warps. Prefill tiles
 # (128 x 64) are left out: compiled by Triton 3.6 for sm_90 they spilled.
@@ -119,6 +122,24 @@ def combine_in_kernel() -> bool:
     H200 (run 30), a few µs on every split decode.
     """
     return env_flag(COMBINE_IN_KERNEL_ENV, "0")
+
+
+def table_async(cfg: heuristics.TileConfig, single_page: bool, gather_page: int) -> bool:
+    """The kernel's ``TABLE_ASYNC`` (see the key loops in attention.py), for decode-sized tiles of
+    a paged cache that read the table once per page (``gather_page`` > 0), when
+    ``FLASHDECODE_TABLE_ASYNC=1`` (read on every call; default ``0``, not yet timed). Such a launch
+    takes ``TABLE_ASYNC_EXTRA_STAGES`` more pipeline stages. (Compiled, the other layouts did
+    worse: a lookup per key slot copies a tile's worth of entries, 254 registers and twice the key
+    loop; one entry per tile is not copied asynchronously, and the extra stages become K/V
+    buffers, 137 KiB of shared memory.)
+
+    Compiled by Triton 3.6 for sm_90 (page 16, aligned table, late row sum), shared memory stays
+    the same and no iteration waits for a table read, but registers change: 9/3 heads (D=64) 152
+    -> 147, MQA 180 -> 181, and split D=128 168 (16 bytes of spill) -> 183, which leaves room for
+    2 programs per SM instead of 3.
+    """
+    return (env_flag(TABLE_ASYNC_ENV, "0") and not single_page and gather_page > 0
+            and cfg.block_m * cfg.block_n <= LATE_ROW_SUM_MAX_ELEMENTS)
 
 
 def aligned_table(max_pages: int, block_n: int, gather_page: int) -> bool:
@@ -249,6 +270,7 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bo
     gather = heuristics.gather_page(page_size, cfg.block_n, paged_gather_mode())
     grid = (n_m_tiles * num_kv_heads, p.batch, splits)
     in_kernel = splits > 1 and combine_in_kernel()
+    async_table = table_async(cfg, bt.shape[1] == 1, gather)
     # One arrival counter per program of a split (int32 placeholder otherwise, never read).
     counters = ARRIVAL_COUNTERS.get(q.device, grid[0] * grid[1]) if in_kernel else p.cache_seqlens
     attention_split_kernel[grid](
@@ -279,6 +301,7 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bo
         GATHER_PAGE=gather,
         SINGLE_PAGE=bt.shape[1] == 1,
         TABLE_ALIGNED=aligned_table(bt.shape[1], cfg.block_n, gather),
+        TABLE_ASYNC=async_table,
         OFFSETS_32=offsets_32(kc, vc),
         HAS_WINDOW_LEFT=p.window_left >= 0,
         HAS_WINDOW_RIGHT=p.window_right >= 0,
@@ -295,7 +318,7 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bo
         COMBINE_IN_KERNEL=in_kernel,
         USE_PDL=pdl,
         num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        num_stages=cfg.num_stages + (TABLE_ASYNC_EXTRA_STAGES if async_table else 0),
         **pdl_launch,
     )
     if splits > 1 and not in_kernel:

@@ -136,7 +136,8 @@ def table_async(cfg: heuristics.TileConfig, single_page: bool, gather_page: int)
     Compiled by Triton 3.6 for sm_90 (page 16, aligned table, late row sum), shared memory stays
     the same and no iteration waits for a table read, but registers change: 9/3 heads (D=64) 152
     -> 147, MQA 180 -> 181, and split D=128 168 (16 bytes of spill) -> 183, which leaves room for
-    2 programs per SM instead of 3.
+    2 programs per SM instead of 3. (Capped with ``maxnreg=168`` the D=128 kernel compiles to 16
+    bytes of spill and a key loop of 306 instructions instead of 280; not applied.)
     """
     return (env_flag(TABLE_ASYNC_ENV, "0") and not single_page and gather_page > 0
             and cfg.block_m * cfg.block_n <= LATE_ROW_SUM_MAX_ELEMENTS)

@@ -539,6 +539,24 @@ def test_arrival_counters_are_kept_zeroed_and_grown():
     assert any(t is first for t in counters._replaced)  # a captured graph may still use it
 
 
+def test_arrival_counters_under_capture(monkeypatch):
+    """Seen from the pool: `ramps.capturing` stands in for a CUDA-graph capture."""
+    from flashdecode.attention import ramps
+
+    counters = _launch().ArrivalCounters()
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(ramps, "capturing", lambda device: True)
+    own = counters.get(cpu, 6)  # no buffer made outside a capture yet: the graph's own
+    assert not own.any() and counters.get(cpu, 6) is not own  # and never handed out again
+    monkeypatch.setattr(ramps, "capturing", lambda device: False)
+    eager = counters.get(cpu, 6)  # the warm-up before a capture
+    monkeypatch.setattr(ramps, "capturing", lambda device: True)
+    shared = counters.get(cpu, 6)
+    assert shared is not eager and not shared.any()  # graphs never share the eager calls' buffer
+    assert counters.get(cpu, 4) is shared  # every capture on the device uses it
+    assert counters.get(cpu, 7) is not shared  # too small: the graph's own again
+
+
 def test_combine_in_kernel_knob_is_checked(monkeypatch):
     launch = _launch()
     monkeypatch.delenv("FLASHDECODE_COMBINE_IN_KERNEL", raising=False)

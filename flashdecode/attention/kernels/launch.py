@@ -42,10 +42,10 @@ COMBINE_IN_KERNEL_ENV = "FLASHDECODE_COMBINE_IN_KERNEL"
 TABLE_ASYNC_ENV = "FLASHDECODE_TABLE_ASYNC"
 # Pipeline stages `table_async` adds: one for the table's own copies, one to keep the K/V depth.
 TABLE_ASYNC_EXTRA_STAGES = 2
-# Largest query-rows x keys tile whose per-column softmax denominators the key loop keeps
-# (`late_row_sum`): 2048 float32 values are 16 registers per thread at 4 warps. Prefill tiles
-# (128 x 64) are left out: compiled by Triton 3.6 for sm_90 they spilled.
-LATE_ROW_SUM_MAX_ELEMENTS = 2048
+# Largest query-rows x keys tile that counts as a decode tile (`decode_sized`), for the variants
+# measured or compiled on decode tiles only. The late row sum keeps that many float32 values, 16
+# registers per thread at 4 warps; prefill tiles (128 x 64) spilled with it (Triton 3.6, sm_90).
+DECODE_TILE_MAX_ELEMENTS = 2048
 # Arrival counters of the in-kernel merge (`combine_in_kernel`), kept between calls.
 ARRIVAL_COUNTERS = ArrivalCounters()
 # New keys per program of the append kernel.
@@ -111,6 +111,11 @@ def attention_pdl(device: torch.device) -> bool:
     return env_flag(ATTENTION_PDL_ENV, "1") and pdl_supported(device)
 
 
+def decode_sized(cfg: heuristics.TileConfig) -> bool:
+    """A decode tile (few query rows), not a prefill one: see ``DECODE_TILE_MAX_ELEMENTS``."""
+    return cfg.block_m * cfg.block_n <= DECODE_TILE_MAX_ELEMENTS
+
+
 def combine_in_kernel() -> bool:
     """``FLASHDECODE_COMBINE_IN_KERNEL=1`` (read on every call; default ``0``, not yet timed): a
     split launch merges its partials in the attention kernel, by the last split of each group to
@@ -140,7 +145,7 @@ def table_async(cfg: heuristics.TileConfig, single_page: bool, gather_page: int)
     bytes of spill and a key loop of 306 instructions instead of 280; not applied.)
     """
     return (env_flag(TABLE_ASYNC_ENV, "0") and not single_page and gather_page > 0
-            and cfg.block_m * cfg.block_n <= LATE_ROW_SUM_MAX_ELEMENTS)
+            and decode_sized(cfg))
 
 
 def aligned_table(max_pages: int, block_n: int, gather_page: int) -> bool:
@@ -171,7 +176,7 @@ def late_row_sum(cfg: heuristics.TileConfig) -> bool:
     0.3-2.3% faster on 10 of 11 contiguous shapes (9/3 heads 30.2 -> 29.5 µs, MQA 43.7 -> 43.1),
     the append step 0.2% faster, no row more than 0.3% slower except one paged row (1.4%).
     """
-    return env_flag(LATE_ROW_SUM_ENV, "1") and cfg.block_m * cfg.block_n <= LATE_ROW_SUM_MAX_ELEMENTS
+    return env_flag(LATE_ROW_SUM_ENV, "1") and decode_sized(cfg)
 
 
 def pdl_supported(device: torch.device) -> bool:

@@ -418,47 +418,6 @@ def test_paged_gather_modes_match_brute_force(page_size, windowed, aligned, devi
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("page_size, windowed, aligned", [(16, True, True), (4, False, False), (2, True, True)])
-def test_table_read_in_the_loop_matches_brute_force(page_size, windowed, aligned, device, monkeypatch):
-    """``FLASHDECODE_TABLE_ASYNC=1`` reaches per-page gathers as TABLE_ASYNC with two more pipeline
-    stages, equals the float64 brute force, and equals the look-ahead read bit for bit (the same
-    entries, read at another time)."""
-    launch = _launch()
-    spy = _KernelSpy(launch.attention_split_kernel)
-    monkeypatch.setattr(launch, "attention_split_kernel", spy)
-    monkeypatch.setenv("FLASHDECODE_PAGED_GATHER", "page")
-    spec = _gather_spec(page_size, windowed, aligned)
-    p = build(spec, device, seed=page_size + 40)
-    want_out, want_lse, _, _ = brute_force(p)
-    for n in spec.splits:
-        got = {}
-        for flag in ("0", "1"):
-            monkeypatch.setenv("FLASHDECODE_TABLE_ASYNC", flag)
-            out, lse, _, _ = run_triton(p, n)
-            assert spy.calls[-1]["TABLE_ASYNC"] is (flag == "1")
-            got[flag] = (out, lse, spy.calls[-1]["num_stages"])
-            assert_close_attention(out, lse, want_out, want_lse, spec.dtype, f"{spec.name} async={flag} splits={n}")
-        assert got["1"][2] == got["0"][2] + launch.TABLE_ASYNC_EXTRA_STAGES
-        assert torch.equal(got["1"][0], got["0"][0]) and torch.equal(got["1"][1], got["0"][1])
-
-
-def test_table_read_in_the_loop_only_for_per_page_gathers(monkeypatch):
-    launch = _launch()
-    decode = launch.heuristics.TileConfig(block_m=16, block_n=64, num_warps=4, num_stages=3)
-    prefill = launch.heuristics.TileConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
-    monkeypatch.delenv("FLASHDECODE_TABLE_ASYNC", raising=False)
-    assert not launch.table_async(decode, False, 16)  # off by default until timed
-    monkeypatch.setenv("FLASHDECODE_TABLE_ASYNC", "1")
-    assert launch.table_async(decode, False, 16)
-    assert not launch.table_async(decode, True, 0)  # contiguous: one entry, no table read to hide
-    assert not launch.table_async(decode, False, 0)  # lookups per slot or per tile
-    assert not launch.table_async(prefill, False, 16)
-    monkeypatch.setenv("FLASHDECODE_TABLE_ASYNC", "yes")
-    with pytest.raises(ValueError, match="FLASHDECODE_TABLE_ASYNC"):
-        launch.table_async(decode, False, 16)
-
-
-@pytest.mark.interpreter
 @pytest.mark.parametrize("name, late", [
     ("decode-gqa-page3-d80-rot", True),  # fused append: the extra tile of new keys sums per tile
     ("spec-mqa-varlen-aligned", True),
@@ -479,93 +438,6 @@ def test_late_row_sum_matches_brute_force(name, late, device, monkeypatch):
             assert_close_attention(out, lse, want_out, want_lse, spec.dtype, f"{name} late={flag} splits={n}")
             got[flag] = (out, lse)
         assert_agree_within_rounding(got["1"], got["0"], spec.dtype)
-
-
-class _PoisonedEmpty:
-    """Stands in for `torch` in launch.py: ``empty`` returns NaN-filled float tensors, so that a
-    workspace read before it is written (e.g. reused from an earlier call) shows."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*args, **kwargs):
-        t = torch.empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-
-@pytest.mark.interpreter
-@pytest.mark.parametrize("name", [
-    "decode-gqa-page3-d80-rot",  # fused append: the last split also attends the new keys
-    "spec-mqa-varlen-aligned",  # an empty sequence (no program of it reaches the merge), empty rows
-    "prefill-causal-multitile",  # several query tiles, hence several counters per sequence
-    "contig-leftpad-alibi-window-fp32",
-])
-def test_combine_in_kernel_matches_brute_force(name, device, monkeypatch):
-    """``FLASHDECODE_COMBINE_IN_KERNEL=1``: split launches merge their partials in the attention
-    kernel (no combine kernel runs) and give the brute force's result at every split count, within
-    rounding of the combine kernel's."""
-    launch, spy, spec, p, want_out, want_lse = spied_spec_problem(name, device, monkeypatch, seed=11)
-    monkeypatch.setattr(launch, "torch", _PoisonedEmpty())  # a merge that reads early reads NaN
-    combine_spy = _KernelSpy(launch.combine_splits_kernel)
-    monkeypatch.setattr(launch, "combine_splits_kernel", combine_spy)
-    assert any(launch._plan(dataclasses.replace(p, num_splits=n))[2] > 1 for n in spec.splits)
-    for n in spec.splits:
-        split = launch._plan(dataclasses.replace(p, num_splits=n))[2] > 1
-        got = {}
-        for flag in ("0", "1"):
-            monkeypatch.setenv("FLASHDECODE_COMBINE_IN_KERNEL", flag)
-            combines_before = len(combine_spy.calls)
-            out, lse, _, _ = run_triton(p, n)
-            assert spy.calls[-1]["COMBINE_IN_KERNEL"] is (split and flag == "1")
-            assert (len(combine_spy.calls) > combines_before) is (split and flag == "0")
-            assert_close_attention(out, lse, want_out, want_lse, spec.dtype, f"{name} in-kernel={flag} splits={n}")
-            # The merging programs leave the reused counters at zero for the next call.
-            assert not launch.ARRIVAL_COUNTERS.get(p.q.device, 1).any()
-            got[flag] = (out, lse)
-        assert_agree_within_rounding(got["1"], got["0"], spec.dtype)
-
-
-def test_arrival_counters_are_kept_zeroed_and_grown():
-    launch = _launch()
-    counters = launch.ArrivalCounters()
-    cpu = torch.device("cpu")
-    first = counters.get(cpu, 10)
-    assert first.dtype == torch.int32 and first.numel() >= 10 and not first.any()
-    assert counters.get(cpu, 4) is first  # big enough: the same buffer
-    grown = counters.get(cpu, 11)
-    assert grown is not first and grown.numel() >= 11 and not grown.any()
-    assert counters.get(cpu, 11) is grown
-    assert any(t is first for t in counters._replaced)  # a captured graph may still use it
-
-
-def test_arrival_counters_under_capture(monkeypatch):
-    """Seen from the pool: `ramps.capturing` stands in for a CUDA-graph capture."""
-    from flashdecode.attention import ramps
-
-    counters = _launch().ArrivalCounters()
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(ramps, "capturing", lambda device: True)
-    own = counters.get(cpu, 6)  # no buffer made outside a capture yet: the graph's own
-    assert not own.any() and counters.get(cpu, 6) is not own  # and never handed out again
-    monkeypatch.setattr(ramps, "capturing", lambda device: False)
-    eager = counters.get(cpu, 6)  # the warm-up before a capture
-    monkeypatch.setattr(ramps, "capturing", lambda device: True)
-    shared = counters.get(cpu, 6)
-    assert shared is not eager and not shared.any()  # graphs never share the eager calls' buffer
-    assert counters.get(cpu, 4) is shared  # every capture on the device uses it
-    assert counters.get(cpu, 7) is not shared  # too small: the graph's own again
-
-
-def test_combine_in_kernel_knob_is_checked(monkeypatch):
-    launch = _launch()
-    monkeypatch.delenv("FLASHDECODE_COMBINE_IN_KERNEL", raising=False)
-    assert not launch.combine_in_kernel()  # off by default until timed
-    monkeypatch.setenv("FLASHDECODE_COMBINE_IN_KERNEL", "1")
-    assert launch.combine_in_kernel()
-    monkeypatch.setenv("FLASHDECODE_COMBINE_IN_KERNEL", "2")
-    with pytest.raises(ValueError, match="FLASHDECODE_COMBINE_IN_KERNEL"):
-        launch.combine_in_kernel()
 
 
 def test_late_row_sum_knob_is_checked(monkeypatch):
@@ -839,15 +711,11 @@ def _decode_problem(g, device, *, B=4, H=8, Hk=2, D=128, page_size=16, max_pages
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("in_kernel", ["0", "1"], ids=["combine-kernel", "combine-in-kernel"])
 @pytest.mark.parametrize("pdl", ["0", "1"], ids=["plain-launch", "attention-pdl"])
 @pytest.mark.parametrize("num_splits", [0, 1, 3])
-def test_cuda_graph_replay_equals_eager(num_splits, pdl, in_kernel, monkeypatch):
-    """Also with the attention and combine kernels under programmatic dependent launch, and with
-    the split partials merged in the attention kernel (its arrival counters: the warm-up's buffer
-    on a side stream, a buffer of the graph's own, the eager calls' on the current stream)."""
+def test_cuda_graph_replay_equals_eager(num_splits, pdl, monkeypatch):
+    """Also with the attention and combine kernels under programmatic dependent launch."""
     monkeypatch.setenv("FLASHDECODE_ATTENTION_PDL", pdl)
-    monkeypatch.setenv("FLASHDECODE_COMBINE_IN_KERNEL", in_kernel)
     device = torch.device("cuda")
     launch = _launch()
     g = torch.Generator().manual_seed(21)

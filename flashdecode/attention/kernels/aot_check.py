@@ -54,19 +54,6 @@ ATTENTION_VARIANTS: dict[str, dict[str, Any]] = {
                                        APPEND=True, ROTARY_DIM=64, ROTARY_INTERLEAVED=False),
     "decode-late-sum-mqa-batch-1": dict(BLOCK_M=32, GROUP=32, num_kv_heads=1, SINGLE_PAGE=True, num_pages=1,
                                         max_pages=1, total_q=1, LATE_SUM=True),
-    # FLASHDECODE_TABLE_ASYNC=1 (launch.table_async): paged decode tiles, 2 more stages.
-    "decode-table-async": dict(TILE_IN_PAGE=False, GATHER_PAGE=16, LATE_SUM=True, TABLE_ALIGNED=True, TABLE_ASYNC=True,
-                               num_stages=5),
-    "decode-table-async-d64": dict(HEAD_DIM=64, HEAD_DIM_P2=64, BLOCK_N=128, GROUP=3, SPLIT=False, TILE_IN_PAGE=False,
-                                   GATHER_PAGE=16, LATE_SUM=True, TABLE_ALIGNED=True, TABLE_ASYNC=True, num_stages=5),
-    "decode-table-async-append": dict(TILE_IN_PAGE=False, GATHER_PAGE=16, LATE_SUM=True, TABLE_ALIGNED=True,
-                                      TABLE_ASYNC=True, APPEND=True, ROTARY_DIM=128, num_stages=5),
-    "decode-table-async-d256": dict(HEAD_DIM=256, HEAD_DIM_P2=256, BLOCK_N=32, TILE_IN_PAGE=False, GATHER_PAGE=16,
-                                    TABLE_ASYNC=True, num_stages=5),
-    # FLASHDECODE_COMBINE_IN_KERNEL=1 (launch.combine_in_kernel): split launches only.
-    "decode-combine-in-kernel": dict(SINGLE_PAGE=True, LATE_SUM=True, COMBINE_IN_KERNEL=True),
-    "decode-combine-in-kernel-mqa": dict(BLOCK_M=32, GROUP=32, num_kv_heads=1, SINGLE_PAGE=True, LATE_SUM=True,
-                                         COMBINE_IN_KERNEL=True, USE_PDL=True),
     # launch.aligned_table: the table's width a multiple of a tile's pages (page 16).
     "decode-aligned-table": dict(TILE_IN_PAGE=False, GATHER_PAGE=16, LATE_SUM=True, TABLE_ALIGNED=True),
     "decode-aligned-table-d64": dict(HEAD_DIM=64, HEAD_DIM_P2=64, BLOCK_N=128, GROUP=3, SPLIT=False, TILE_IN_PAGE=False,
@@ -178,11 +165,11 @@ def attention_variant(**kw: Any) -> Any:
     num_warps, num_stages = kw.pop("num_warps", 4), kw.pop("num_stages", 3)
     consts: dict[str, Any] = dict(
         GROUP=4, HEAD_DIM=128, HEAD_DIM_P2=128, BLOCK_M=16, BLOCK_N=64, SPLIT=True, TILE_IN_PAGE=True, GATHER_PAGE=0,
-        SINGLE_PAGE=False, TABLE_ALIGNED=False, TABLE_ASYNC=False, OFFSETS_32=True,
+        SINGLE_PAGE=False, TABLE_ALIGNED=False, OFFSETS_32=True,
         HAS_WINDOW_LEFT=False, HAS_WINDOW_RIGHT=True, HAS_SOFTCAP=False, HAS_ALIBI=False, ROTARY_DIM=0,
         ROTARY_INTERLEAVED=True, ROTARY_PER_POSITION=True, DOT_FP32=False, LATE_SUM=False, APPEND=False,
-        APPEND_ROWS=16, COMBINE_IN_KERNEL=False,
-        stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1, stride_fod=1,
+        APPEND_ROWS=16,
+        stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1,
     )
     consts.update(kw)
     if consts["HEAD_DIM"] > consts["HEAD_DIM_P2"]:
@@ -190,8 +177,7 @@ def attention_variant(**kw: Any) -> Any:
     ptrs = {n: f"*{dt}" for n in ("Q", "K_CACHE", "V_CACHE", "COS", "SIN", "K_NEW", "V_NEW")}
     ptrs.update({n: "*i32" for n in ("BLOCK_TABLE", "CU_SEQLENS_Q", "CACHE_SEQLENS", "CACHE_LEFTPAD",
                                      "CU_SEQLENS_K_NEW", "ROTARY_SEQLENS")})
-    ptrs.update(ALIBI="*fp32", OUT="*fp32" if consts["SPLIT"] else f"*{dt}", LSE="*fp32", FINAL_OUT=f"*{dt}",
-                FINAL_LSE="*fp32", SPLIT_COUNTERS="*i32")
+    ptrs.update(ALIBI="*fp32", OUT="*fp32" if consts["SPLIT"] else f"*{dt}", LSE="*fp32")
     return _compile(attention_split_kernel, ptrs, consts, ("qk_scale", "softcap_log2"), num_warps, num_stages)
 
 

@@ -33,7 +33,6 @@ import triton.language as tl
 from flashdecode.attention.kernels.append import load_new_rows, locate_new_rows, store_new_rows
 from flashdecode.attention.kernels.constants import LN2, LOG2E
 from flashdecode.attention.kernels.key_tile import attend, key_tile, page_ids
-from flashdecode.attention.kernels.last_split import merge_if_last
 from flashdecode.attention.kernels.rotary import load_rotated
 from flashdecode.attention.kernels.rounding import cast_to
 
@@ -94,14 +93,6 @@ def attention_split_kernel(
     stride_vnt,
     stride_vnh,
     stride_vnd,
-    FINAL_OUT,
-    FINAL_LSE,
-    SPLIT_COUNTERS,
-    stride_fot,
-    stride_foh,
-    stride_fod,
-    stride_flh,
-    stride_flt,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
@@ -112,7 +103,6 @@ def attention_split_kernel(
     GATHER_PAGE: tl.constexpr,
     SINGLE_PAGE: tl.constexpr,
     TABLE_ALIGNED: tl.constexpr,
-    TABLE_ASYNC: tl.constexpr,
     OFFSETS_32: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr,
     HAS_WINDOW_RIGHT: tl.constexpr,
@@ -125,7 +115,6 @@ def attention_split_kernel(
     LATE_SUM: tl.constexpr,
     APPEND: tl.constexpr,
     APPEND_ROWS: tl.constexpr,
-    COMBINE_IN_KERNEL: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
     """Grid ``(num_m_tiles * num_kv_heads, batch, num_splits)``.
@@ -146,11 +135,6 @@ def attention_split_kernel(
 
     ``LATE_SUM`` (the launcher's `late_row_sum`): the key loop keeps the softmax denominators per
     key column and sums them once after the loop (see `attend`).
-
-    ``COMBINE_IN_KERNEL`` (with ``SPLIT``; the launcher's `combine_in_kernel`): the last split of
-    each (query tile, KV head, sequence) to finish merges the partials into ``FINAL_OUT``
-    (total_q, H, D) and ``FINAL_LSE`` (H, total_q), counting arrivals in ``SPLIT_COUNTERS`` (one
-    int32 per program of a split, zero before the launch and after it); see `merge_if_last`.
 
     ``USE_PDL`` (a launch with programmatic dependent launch): wait for the previous kernel before
     the first load; let the next kernel launch once the key loop is done, so that its launch
@@ -279,17 +263,18 @@ def attention_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
     # Three runs of key tiles: masked [s_lo, full_lo), unmasked [full_lo, full_hi), masked
-    # [full_hi, s_hi) (unrolled: MASKED is a compile-time constant in each).
-    # Block-table entries, two ways (paged caches; a contiguous cache's one entry needs no earlier
-    # load). By default the next tile's entries are read one iteration ahead into registers.
-    # Compiled by Triton 3.6 for sm_90, the K/V copies then run num_stages - 1 tiles ahead, but a
-    # tile's table read lands in the same pipelined iteration as its copies, right before them:
-    # each iteration waits one memory round trip before it can issue its copies. With
-    # ``TABLE_ASYNC`` the entries are read in the iteration that uses them, which Triton pipelines
-    # as an indirect load: the table goes to shared memory by asynchronous copies, in its own
-    # stage, ahead of the K/V copies that read it. That takes two more stages for the same K/V
-    # depth (the launcher's `table_async`: 5 instead of 3, same shared memory). Reading the
-    # entries two tiles ahead into registers stops Triton from pipelining the loop at all.
+    # [full_hi, s_hi) (unrolled: MASKED is a compile-time constant in each). The block-table
+    # entries of the next tile are read one iteration ahead, so that the K/V loads do not wait on a
+    # load of the same iteration and pipeline as deep as num_stages allows.
+    # What Triton 3.6 makes of this (sm_90 TTGIR, paged, page 16): the K/V copies run
+    # num_stages - 1 tiles ahead, but the table read for a tile lands in the same pipelined
+    # iteration as that tile's copies, right before them, so each iteration waits one memory
+    # round trip for the table before it can issue its copies. Reading the entries in the
+    # iteration that uses them makes Triton pipeline the table as an indirect load (cp.async to
+    # shared memory, in a stage of its own); with two more stages to keep the K/V depth it was no
+    # faster on an H200 (run 39: paged rows within -1% and +1.8%, 9/3 heads 31.0 -> 30.7 µs, MQA
+    # 44.7 -> 45.5) and was removed. Reading them two tiles ahead stops Triton from pipelining
+    # the loop at all.
     for phase in tl.static_range(3):
         if phase == 0:
             lo, hi = s_lo, full_lo
@@ -297,21 +282,14 @@ def attention_split_kernel(
             lo, hi = full_lo, full_hi
         else:
             lo, hi = full_hi, s_hi
-        if not TABLE_ASYNC:
-            page = page_ids(
-                BT_ROW, lo, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE, SINGLE_PAGE, TABLE_ALIGNED,
-            )
+        page = page_ids(
+            BT_ROW, lo, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE, SINGLE_PAGE, TABLE_ALIGNED,
+        )
         for start in range(lo, hi, BLOCK_N):
-            if TABLE_ASYNC:
-                page = page_ids(
-                    BT_ROW, start, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE, SINGLE_PAGE,
-                    TABLE_ALIGNED,
-                )
-            else:
-                page_next = page_ids(
-                    BT_ROW, start + BLOCK_N, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE, SINGLE_PAGE,
-                    TABLE_ALIGNED,
-                )
+            page_next = page_ids(
+                BT_ROW, start + BLOCK_N, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE, SINGLE_PAGE,
+                TABLE_ALIGNED,
+            )
             acc, l_i, m_i = key_tile(
                 acc, l_i, m_i, q, start, page, K_BASE, V_BASE, num_pages, page_size,
                 stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
@@ -319,8 +297,7 @@ def attention_split_kernel(
                 HEAD_DIM, HEAD_DIM_P2, BLOCK_N, phase != 1, TILE_IN_PAGE, GATHER_PAGE, SINGLE_PAGE, OFFSETS_32,
                 HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32, LATE_SUM,
             )
-            if not TABLE_ASYNC:
-                page = page_next
+            page = page_next
     if LATE_SUM:
         l_i = tl.sum(l_i, 1)
 
@@ -354,13 +331,6 @@ def attention_split_kernel(
         o_base = OUT + split.to(tl.int64) * stride_os
         tl.store(o_base + o_rows[:, None] + offs_d[None, :] * stride_od, out, mask=o_mask)
         tl.store(LSE + split.to(tl.int64) * stride_ls + l_offs, tl.where(has_key, lse2, float("-inf")), mask=row_ok)
-        if COMBINE_IN_KERNEL:
-            merge_if_last(
-                SPLIT_COUNTERS + b * tl.num_programs(0) + pid0, num_splits, OUT, LSE, stride_os, stride_ls,
-                o_rows, l_offs, offs_d, o_mask, row_ok, FINAL_OUT, FINAL_LSE,
-                token.to(tl.int64) * stride_fot + head * stride_foh, stride_fod,
-                head * stride_flh + token.to(tl.int64) * stride_flt, BLOCK_M, HEAD_DIM_P2,
-            )
     else:
         tl.store(OUT + o_rows[:, None] + offs_d[None, :] * stride_od, cast_to(out, OUT.dtype.element_ty), mask=o_mask)
         tl.store(LSE + l_offs, tl.where(has_key, lse2 * LN2, float("inf")), mask=row_ok)

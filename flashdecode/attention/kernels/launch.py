@@ -28,7 +28,6 @@ import triton
 
 from flashdecode.attention import heuristics
 from flashdecode.attention.kernels.append import append_kv_kernel
-from flashdecode.attention.kernels.arrival_counters import ArrivalCounters
 from flashdecode.attention.kernels.attention import attention_split_kernel
 from flashdecode.attention.kernels.combine import combine_splits_kernel
 from flashdecode.attention.problem import PackedProblem
@@ -38,16 +37,10 @@ PAGED_GATHER_ENV = "FLASHDECODE_PAGED_GATHER"
 FUSED_APPEND_ENV = "FLASHDECODE_FUSED_APPEND"
 ATTENTION_PDL_ENV = "FLASHDECODE_ATTENTION_PDL"
 LATE_ROW_SUM_ENV = "FLASHDECODE_LATE_ROW_SUM"
-COMBINE_IN_KERNEL_ENV = "FLASHDECODE_COMBINE_IN_KERNEL"
-TABLE_ASYNC_ENV = "FLASHDECODE_TABLE_ASYNC"
-# Pipeline stages `table_async` adds: one for the table's own copies, one to keep the K/V depth.
-TABLE_ASYNC_EXTRA_STAGES = 2
 # Largest query-rows x keys tile that counts as a decode tile (`decode_sized`), for the variants
 # measured or compiled on decode tiles only. The late row sum keeps that many float32 values, 16
 # registers per thread at 4 warps; prefill tiles (128 x 64) spilled with it (Triton 3.6, sm_90).
 DECODE_TILE_MAX_ELEMENTS = 2048
-# Arrival counters of the in-kernel merge (`combine_in_kernel`), kept between calls.
-ARRIVAL_COUNTERS = ArrivalCounters()
 # New keys per program of the append kernel.
 APPEND_BLOCK_T = 16
 # Up to this many new keys per sequence, the attention kernel appends them itself (no append kernel).
@@ -114,38 +107,6 @@ def attention_pdl(device: torch.device) -> bool:
 def decode_sized(cfg: heuristics.TileConfig) -> bool:
     """A decode tile (few query rows), not a prefill one: see ``DECODE_TILE_MAX_ELEMENTS``."""
     return cfg.block_m * cfg.block_n <= DECODE_TILE_MAX_ELEMENTS
-
-
-def combine_in_kernel() -> bool:
-    """``FLASHDECODE_COMBINE_IN_KERNEL=1`` (read on every call; default ``0``, not yet timed): a
-    split launch merges its partials in the attention kernel, by the last split of each group to
-    finish (`merge_if_last`), instead of a second kernel.
-
-    The arrival counters, one int32 per program of a split, are kept between calls and left at
-    zero by the kernel (`ARRIVAL_COUNTERS`; see arrival_counters.py for streams and CUDA graphs).
-    What it should save: the combine kernel and its launch, about 4.5 µs of the MQA decode on an
-    H200 (run 30), a few µs on every split decode.
-    """
-    return env_flag(COMBINE_IN_KERNEL_ENV, "0")
-
-
-def table_async(cfg: heuristics.TileConfig, single_page: bool, gather_page: int) -> bool:
-    """The kernel's ``TABLE_ASYNC`` (see the key loops in attention.py), for decode-sized tiles of
-    a paged cache that read the table once per page (``gather_page`` > 0), when
-    ``FLASHDECODE_TABLE_ASYNC=1`` (read on every call; default ``0``, not yet timed). Such a launch
-    takes ``TABLE_ASYNC_EXTRA_STAGES`` more pipeline stages. (Compiled, the other layouts did
-    worse: a lookup per key slot copies a tile's worth of entries, 254 registers and twice the key
-    loop; one entry per tile is not copied asynchronously, and the extra stages become K/V
-    buffers, 137 KiB of shared memory.)
-
-    Compiled by Triton 3.6 for sm_90 (page 16, aligned table, late row sum), shared memory stays
-    the same and no iteration waits for a table read, but registers change: 9/3 heads (D=64) 152
-    -> 147, MQA 180 -> 181, and split D=128 168 (16 bytes of spill) -> 183, which leaves room for
-    2 programs per SM instead of 3. (Capped with ``maxnreg=168`` the D=128 kernel compiles to 16
-    bytes of spill and a key loop of 306 instructions instead of 280; not applied.)
-    """
-    return (env_flag(TABLE_ASYNC_ENV, "0") and not single_page and gather_page > 0
-            and decode_sized(cfg))
 
 
 def aligned_table(max_pages: int, block_n: int, gather_page: int) -> bool:
@@ -275,10 +236,6 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bo
     pdl_launch = {"launch_pdl": True} if pdl else {}
     gather = heuristics.gather_page(page_size, cfg.block_n, paged_gather_mode())
     grid = (n_m_tiles * num_kv_heads, p.batch, splits)
-    in_kernel = splits > 1 and combine_in_kernel()
-    async_table = table_async(cfg, bt.shape[1] == 1, gather)
-    # One arrival counter per program of a split (int32 placeholder otherwise, never read).
-    counters = ARRIVAL_COUNTERS.get(q.device, grid[0] * grid[1]) if in_kernel else p.cache_seqlens
     attention_split_kernel[grid](
         q, kc, vc, bt, p.cu_seqlens_q, p.cache_seqlens, p.cache_leftpad, p.cu_seqlens_k_new,
         p.rotary_seqlens, cos, sin, alibi, o_dst, l_dst, kn, vn,
@@ -294,9 +251,6 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bo
         *l_strides,
         kn.stride(0), kn.stride(1), kn.stride(2),
         vn.stride(0), vn.stride(1), vn.stride(2),
-        out, lse, counters,
-        out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1),
         GROUP=group,
         HEAD_DIM=head_dim,
         HEAD_DIM_P2=d_p2,
@@ -307,7 +261,6 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bo
         GATHER_PAGE=gather,
         SINGLE_PAGE=bt.shape[1] == 1,
         TABLE_ALIGNED=aligned_table(bt.shape[1], cfg.block_n, gather),
-        TABLE_ASYNC=async_table,
         OFFSETS_32=offsets_32(kc, vc),
         HAS_WINDOW_LEFT=p.window_left >= 0,
         HAS_WINDOW_RIGHT=p.window_right >= 0,
@@ -321,13 +274,12 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bo
         LATE_SUM=late_row_sum(cfg),
         APPEND=append,
         APPEND_ROWS=FUSED_APPEND_ROWS,
-        COMBINE_IN_KERNEL=in_kernel,
         USE_PDL=pdl,
         num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages + (TABLE_ASYNC_EXTRA_STAGES if async_table else 0),
+        num_stages=cfg.num_stages,
         **pdl_launch,
     )
-    if splits > 1 and not in_kernel:
+    if splits > 1:
         splits_p2 = max(2, heuristics.next_pow2(splits))
         combine_splits_kernel[(total_q, num_heads)](
             o_dst, l_dst, out, lse, splits,

@@ -27,6 +27,31 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _checked_set_attr(original):
+    """A `tl.multiple_of` hint the interpreter checks: every element of the hinted value must be
+    a multiple (the kernels hint scalars only). Compiled, a false hint lets the compiler emit
+    vector loads that fault with a misaligned address; the interpreter would ignore it."""
+
+    def set_attr(handle, key, value):
+        if key == "tt.divisibility":
+            divisor = int(value[0])
+            data = handle.data
+            if not (data % divisor == 0).all():
+                raise AssertionError(f"tl.multiple_of({divisor}) does not hold for {data}")
+        return original(handle, key, value)
+
+    return set_attr
+
+
+@pytest.fixture(autouse=True)
+def _check_multiple_of_hints(monkeypatch):
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from triton.runtime import interpreter
+
+        handle = interpreter.TensorHandle
+        monkeypatch.setattr(handle, "set_attr", _checked_set_attr(handle.set_attr))
+
+
 def pytest_configure(config):
     # Markers are declared in pyproject.toml; repeat them so the suite works from any rootdir.
     config.addinivalue_line("markers", "gpu: needs a CUDA device")

@@ -393,11 +393,13 @@ class _KernelSpy:
 def test_paged_gather_modes_match_brute_force(page_size, windowed, aligned, device, monkeypatch):
     """Both gather modes equal the float64 brute force and each other bit for bit; ``page`` reaches
     the kernel as GATHER_PAGE = page size for powers of two below the key tile, and a page of 3
-    falls back to the per-slot lookup; TABLE_ALIGNED is set exactly when the table's width is a
-    multiple of a tile's pages."""
+    falls back to the per-slot lookup; with ``FLASHDECODE_ALIGNED_TABLE=1``, TABLE_ALIGNED is set
+    exactly when the table's width is a multiple of a tile's pages (in the interpreter the
+    conftest checks the kernel's `tl.multiple_of` hints, which a misaligned table read breaks)."""
     launch = _launch()
     spy = _KernelSpy(launch.attention_split_kernel)
     monkeypatch.setattr(launch, "attention_split_kernel", spy)
+    monkeypatch.setenv("FLASHDECODE_ALIGNED_TABLE", "1")
     spec = _gather_spec(page_size, windowed, aligned)
     p = build(spec, device, seed=page_size)
     want_out, want_lse, _, _ = brute_force(p)
@@ -438,6 +440,19 @@ def test_late_row_sum_matches_brute_force(name, late, device, monkeypatch):
             assert_close_attention(out, lse, want_out, want_lse, spec.dtype, f"{name} late={flag} splits={n}")
             got[flag] = (out, lse)
         assert_agree_within_rounding(got["1"], got["0"], spec.dtype)
+
+
+def test_aligned_table_knob_is_off_by_default_and_checked(monkeypatch):
+    launch = _launch()
+    monkeypatch.delenv("FLASHDECODE_ALIGNED_TABLE", raising=False)
+    assert not launch.aligned_table(32, 128, 16)  # off until its fix has run on a GPU
+    monkeypatch.setenv("FLASHDECODE_ALIGNED_TABLE", "1")
+    assert launch.aligned_table(32, 128, 16)
+    assert not launch.aligned_table(30, 128, 16)  # 8 pages per tile do not divide 30
+    assert not launch.aligned_table(32, 128, 0)  # a lookup per slot
+    monkeypatch.setenv("FLASHDECODE_ALIGNED_TABLE", "yes")
+    with pytest.raises(ValueError, match="FLASHDECODE_ALIGNED_TABLE"):
+        launch.aligned_table(32, 128, 16)
 
 
 def test_late_row_sum_knob_is_checked(monkeypatch):

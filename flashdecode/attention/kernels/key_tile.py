@@ -36,14 +36,18 @@ def page_ids(
     multiple of the tile's page count, so a tile's pages lie all in the table or all past it. The
     tile then reads its entries as one contiguous, aligned vector from a clamped start (a tile past
     the table reads the last ones; its slots are past the capacity and masked): vector loads
-    instead of one load and one clamp per entry.
+    instead of one load and one clamp per entry. ``start`` need not be a tile start there: the
+    read is of the tile that holds it.
     """
     if SINGLE_PAGE:
         page = tl.load(BT_ROW) + tl.zeros([BLOCK_N], dtype=tl.int32)
     elif GATHER_PAGE > 0:
         NP: tl.constexpr = BLOCK_N // GATHER_PAGE
         if TABLE_ALIGNED:
-            first = tl.multiple_of(tl.minimum(start // GATHER_PAGE, max_pages - NP), NP)
+            # Rounded down to the tile: the look-ahead before a key loop also reads at a range end
+            # that is no tile start (a split with no tiles ends at the last key), and an unaligned
+            # vector load faults on a GPU (misaligned address; the interpreter does not check).
+            first = tl.multiple_of(tl.minimum((start // BLOCK_N) * NP, max_pages - NP), NP)
             pidx = first + tl.arange(0, NP)
         else:
             # Clamped to the table instead of masked: a slot past the table is past the capacity,

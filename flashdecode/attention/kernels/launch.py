@@ -37,6 +37,7 @@ PAGED_GATHER_ENV = "FLASHDECODE_PAGED_GATHER"
 FUSED_APPEND_ENV = "FLASHDECODE_FUSED_APPEND"
 ATTENTION_PDL_ENV = "FLASHDECODE_ATTENTION_PDL"
 LATE_ROW_SUM_ENV = "FLASHDECODE_LATE_ROW_SUM"
+ALIGNED_TABLE_ENV = "FLASHDECODE_ALIGNED_TABLE"
 # Largest query-rows x keys tile that counts as a decode tile (`decode_sized`), for the variants
 # measured or compiled on decode tiles only. The late row sum keeps that many float32 values, 16
 # registers per thread at 4 warps; prefill tiles (128 x 64) spilled with it (Triton 3.6, sm_90).
@@ -117,9 +118,17 @@ def aligned_table(max_pages: int, block_n: int, gather_page: int) -> bool:
     330 instructions at D=64 (9/3 heads; registers 184 -> 152), 293 to 278 at D=128 (as many as
     the contiguous cache's; 168 registers and 16 bytes of spill, none in the loop) and 408 to
     396 for MQA: two 16-byte loads of the table per 128-key tile instead of eight 4-byte ones,
-    and no clamp per entry. Not yet timed on a GPU.
+    and no clamp per entry.
+
+    Off unless ``FLASHDECODE_ALIGNED_TABLE=1`` (read on every call). On an H200 (run 39) it took
+    paged MQA from 45.4 to 44.7 µs and 9/3 heads from 31.4 to 31.0, but MHA from 250.7 to 253.9.
+    The GPU tests of run 41 then failed with a misaligned address: the look-ahead read before a
+    key loop also runs at a range end that is no tile start, and the vector load took that
+    unaligned index. `page_ids` now rounds it down to the tile; the fix is not yet run on a GPU
+    (the aligned cases of ``test_paged_gather_modes_match_brute_force`` check it there).
     """
-    return gather_page > 0 and max_pages % (block_n // gather_page) == 0
+    return (env_flag(ALIGNED_TABLE_ENV, "0") and gather_page > 0
+            and max_pages % (block_n // gather_page) == 0)
 
 
 def late_row_sum(cfg: heuristics.TileConfig) -> bool:

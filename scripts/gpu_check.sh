@@ -10,9 +10,11 @@
 # minutes, most of it compiling kernels: the modules below took 5:21 (372 tests) and 3:39 (329),
 # and tests/test_contract.py ran 668 of its 1078 tests in 9 minutes (its 524 compiled Triton cases
 # take about 3 s each) before the call's limit. TEST_WORKERS (pytest-xdist, default 8) spreads the
-# compiling over the machine's CPUs; not yet timed. Run the benchmark alone (`RUN_TESTS=0 bash
-# scripts/gpu_check.sh`) and the tests over several calls; FLASHDECODE_TEST_SHARD=i/n runs every
-# n-th test from the i-th:
+# compiling over the machine's CPUs: the two module groups below together took 208 s (705 tests,
+# run 41), and the contract module ran about 960 of its tests in 315 s (run 40). A CUDA fault is
+# sticky: every later test of the same worker fails too, so look for the first failure of each
+# worker ([gwN] in the log). Run the benchmark alone (`RUN_TESTS=0 bash scripts/gpu_check.sh`)
+# and the tests over several calls; FLASHDECODE_TEST_SHARD=i/n runs every n-th test from the i-th:
 #   FLASHDECODE_TEST_SHARD=0/3 (then 1/3, then 2/3) RUN_BENCH=0 TEST_TIMEOUT=540 \
 #     TEST_PATHS="tests/test_contract.py" bash scripts/gpu_check.sh
 #   RUN_BENCH=0 TEST_TIMEOUT=540 TEST_PATHS="tests/test_kernels.py tests/test_unchecked_values.py \
@@ -65,6 +67,15 @@
 
 set -u
 cd "$(dirname "$0")/.."
+
+# The code's own fingerprint: the GPU machine's copy of .git may lag the files it gets, so the
+# commit printed below can be stale. `bash scripts/gpu_check.sh --fingerprint` in a checkout
+# prints the same hash for comparison.
+fingerprint() {
+    find flashdecode tests scripts -type f \( -name '*.py' -o -name '*.sh' \) -not -path '*/__pycache__/*' \
+        | LC_ALL=C sort | xargs sha1sum | sha1sum | cut -c1-12
+}
+if [ "${1:-}" = "--fingerprint" ]; then fingerprint; exit 0; fi
 ROOT="$(pwd)"
 START=$(date +%s)
 PY="${PYTHON:-python3}"
@@ -171,6 +182,7 @@ section "flashdecode import"
 "$PY" -c "import flashdecode, flashdecode.bench.cli; print('flashdecode', flashdecode.__version__, 'from', flashdecode.__file__)" \
     || echo "flashdecode does not import: the tests and the benchmark will fail"
 git log -1 --format='commit %h %s' 2>/dev/null || echo "no git here; set FLASHDECODE_COMMIT to record the commit"
+echo "source fingerprint $(fingerprint)"
 
 TEST_STATUS="not run"
 if [ "$RUN_TESTS" = "1" ]; then

@@ -40,16 +40,16 @@ def test_reused_and_bounded(fresh_cache, monkeypatch):
 
 
 def test_capture_pins_what_it_reuses_and_never_caches_what_it_makes(fresh_cache, monkeypatch):
-    """Seen from the cache: `capturing` stands in for a CUDA-graph capture on the current stream."""
+    """Seen from the cache: `_capturing` stands in for a CUDA-graph capture on the current stream."""
     monkeypatch.setattr(ramps, "MAX_CACHED_RAMPS", 2)
     cpu = torch.device("cpu")
     warm = ramps.ramp(8, 1, cpu)
-    monkeypatch.setattr(ramps, "capturing", lambda device: True)
+    monkeypatch.setattr(ramps, "_capturing", lambda device: True)
     assert ramps.ramp(8, 1, cpu) is warm  # made before the capture: reused, and pinned
     during = ramps.ramp(3, 2, cpu)  # first made during the capture: this graph's own
     assert during.tolist() == [0, 2, 4]
     assert ramps.ramp(3, 2, cpu) is not during
-    monkeypatch.setattr(ramps, "capturing", lambda device: False)
+    monkeypatch.setattr(ramps, "_capturing", lambda device: False)
     for length in range(20, 30):  # churn the LRU far past its bound
         ramps.ramp(length, 1, cpu)
     assert len(ramps._recent) == 2

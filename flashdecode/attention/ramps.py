@@ -34,26 +34,25 @@ def _make(length: int, step: int, device: torch.device) -> torch.Tensor:
     return torch.zeros(length, dtype=torch.int32, device=device)
 
 
-def capturing(device: torch.device) -> bool:
-    """Whether a CUDA graph is being captured on ``device``'s current stream (no host sync)."""
+def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def ramp(length: int, step: int, device: torch.device) -> torch.Tensor:
     """``[0, step, 2 * step, ...]`` (``length`` int32 values) on ``device``; read-only."""
     key = (length, step, device)
-    in_capture = capturing(device)
+    capturing = _capturing(device)
     with _lock:
         if key in _pinned:
             return _pinned[key]
         if key in _recent:
-            if in_capture:  # a graph now reads this memory at every replay
+            if capturing:  # a graph now reads this memory at every replay
                 _pinned[key] = _recent.pop(key)
                 return _pinned[key]
             _recent.move_to_end(key)
             return _recent[key]
     made = _make(length, step, device)
-    if in_capture:
+    if capturing:
         return made
     with _lock:
         _recent[key] = made

@@ -442,10 +442,12 @@ def test_late_row_sum_matches_brute_force(name, late, device, monkeypatch):
         assert_agree_within_rounding(got["1"], got["0"], spec.dtype)
 
 
-def test_aligned_table_knob_is_off_by_default_and_checked(monkeypatch):
+def test_aligned_table_knob_is_on_by_default_and_checked(monkeypatch):
     launch = _launch()
     monkeypatch.delenv("FLASHDECODE_ALIGNED_TABLE", raising=False)
-    assert not launch.aligned_table(32, 128, 16)  # off until its fix has run on a GPU
+    assert launch.aligned_table(32, 128, 16)
+    monkeypatch.setenv("FLASHDECODE_ALIGNED_TABLE", "0")
+    assert not launch.aligned_table(32, 128, 16)
     monkeypatch.setenv("FLASHDECODE_ALIGNED_TABLE", "1")
     assert launch.aligned_table(32, 128, 16)
     assert not launch.aligned_table(30, 128, 16)  # 8 pages per tile do not divide 30

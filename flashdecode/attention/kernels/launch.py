@@ -120,14 +120,14 @@ def aligned_table(max_pages: int, block_n: int, gather_page: int) -> bool:
     396 for MQA: two 16-byte loads of the table per 128-key tile instead of eight 4-byte ones,
     and no clamp per entry.
 
-    Off unless ``FLASHDECODE_ALIGNED_TABLE=1`` (read on every call). On an H200 (run 39) it took
+    On unless ``FLASHDECODE_ALIGNED_TABLE=0`` (read on every call). On an H200 (run 39) it took
     paged MQA from 45.4 to 44.7 µs and 9/3 heads from 31.4 to 31.0, but MHA from 250.7 to 253.9.
-    The GPU tests of run 41 then failed with a misaligned address: the look-ahead read before a
-    key loop also runs at a range end that is no tile start, and the vector load took that
-    unaligned index. `page_ids` now rounds it down to the tile; the fix is not yet run on a GPU
-    (the aligned cases of ``test_paged_gather_modes_match_brute_force`` check it there).
+    Its first version faulted on the GPU (run 41, misaligned address): the look-ahead read before
+    a key loop also runs at a range end that is no tile start, and the vector load took that
+    unaligned index. `page_ids` rounds it down to the tile; with that, every GPU test module
+    passed with the read on (runs 42-43), and the interpreter checks the hint in the CPU tests.
     """
-    return (env_flag(ALIGNED_TABLE_ENV, "0") and gather_page > 0
+    return (env_flag(ALIGNED_TABLE_ENV, "1") and gather_page > 0
             and max_pages % (block_n // gather_page) == 0)
 
 

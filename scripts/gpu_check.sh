@@ -214,6 +214,32 @@ if [ "$RUN_TESTS" = "1" ]; then
     echo "GPU tests: $TEST_STATUS"
 fi
 
+# The card's clocks, power and temperature every 200 ms while the benchmark runs, to tell a slow
+# card from a slow kernel: the same code took 250.7 µs on B=128 L=2048 in run 41 and 273.2 in
+# run 44 (another machine), in four processes in a row. Summarised in the summary section.
+CLOCKS="$BENCH_OUT/clocks.csv"
+start_clock_sampler() {
+    SAMPLER=""
+    command -v nvidia-smi >/dev/null 2>&1 || return 0
+    nvidia-smi --query-gpu=clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv,noheader,nounits \
+        -lms 200 >"$CLOCKS" 2>/dev/null &
+    SAMPLER=$!
+}
+stop_clock_sampler() {
+    [ -n "${SAMPLER:-}" ] || return 0
+    kill "$SAMPLER" 2>/dev/null
+    wait "$SAMPLER" 2>/dev/null
+}
+clock_summary() {  # quantiles of each column of clocks.csv (samples while idle included)
+    [ -s "$CLOCKS" ] || { echo "GPU clocks: not sampled"; return 0; }
+    local col name
+    for col in 1:SM_MHz 2:memory_MHz 3:power_W 4:temperature_C; do
+        name=${col#*:}
+        cut -d, -f"${col%%:*}" "$CLOCKS" | tr -d ' ' | grep -E '^[0-9.]+$' | sort -g \
+            | awk -v name="$name" '{v[NR] = $1} END {if (NR) printf "  %-14s min %s  p10 %s  median %s  max %s  (%d samples)\n", name, v[1], v[int(NR * 0.1) + 1], v[int((NR + 1) / 2)], v[NR], NR}'
+    done
+}
+
 BENCH_STATUS="not run"
 if [ "$RUN_BENCH" = "1" ]; then
     left=$(( TOTAL_BUDGET - $(elapsed) - 25 ))
@@ -221,9 +247,11 @@ if [ "$RUN_BENCH" = "1" ]; then
     args=(--out "$BENCH_OUT" --budget "$left")
     [ "$QUICK" = "1" ] && args+=(--quick)
     section "benchmark: python -m flashdecode.bench ${args[*]} $BENCH_ARGS"
+    start_clock_sampler
     # shellcheck disable=SC2086
     timeout -s TERM -k 15 $(( left + 20 )) "$PY" -m flashdecode.bench "${args[@]}" $BENCH_ARGS
     rc=$?
+    stop_clock_sampler
     case $rc in
         0) BENCH_STATUS="complete" ;;
         3) BENCH_STATUS="partial (stopped early; see its status line)" ;;
@@ -263,7 +291,7 @@ fi
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"
     if [ "$(cd "$BENCH_OUT" && pwd)" != "$(cd "$OUT" && pwd)" ]; then
-        for f in results.json results.md table.txt bandwidth.png e2e_results.json e2e_results.md e2e_table.txt; do
+        for f in results.json results.md table.txt bandwidth.png clocks.csv e2e_results.json e2e_results.md e2e_table.txt; do
             [ -f "$BENCH_OUT/$f" ] && cp "$BENCH_OUT/$f" "$OUT/"
         done
     fi
@@ -280,6 +308,10 @@ fi
 section "summary"
 echo "GPU tests: $TEST_STATUS"
 echo "benchmark: $BENCH_STATUS (results in $BENCH_OUT/)"
+if [ "$RUN_BENCH" = "1" ]; then
+    echo "GPU clocks during the benchmark ($CLOCKS):"
+    clock_summary
+fi
 if [ -f "$BENCH_OUT/results.json" ]; then
     "$PY" -m flashdecode.bench --summary "$BENCH_OUT/results.json" || true
 fi

@@ -398,6 +398,39 @@ def test_derive_and_targets():
     assert tg[("append", "append costs <= 10% over decode")]["met"] is True
 
 
+def test_best_peer_target_is_open_when_a_peer_was_not_run():
+    """A peer skipped for time cannot be counted beaten: the target is neither met nor missed
+    while flashdecode leads the peers that ran, and missed once one of them is faster."""
+    res = _fake_results()
+    shape = "decode:1,4096,32/8,128"
+    res["rows"].append({"shape": shape, "kind": "decode", "impl": "flex", "group": "peer", "us": None,
+                        "status": "skipped", "reason": "skipped: time budget (compiles on first use)",
+                        "correct": None, "kv_bytes": 16_777_216})
+    res["rows"] = [r for r in res["rows"] if not (r["shape"] == shape and r["impl"] == "flex" and r["status"] == "error")]
+    report.derive(res)
+    tg = {(t["shape"], t["target"]): t for t in res["targets"]}
+    t = tg[(shape, "no slower than the best peer")]
+    assert t["met"] is None and "not run: flex" in t["goal"]
+    assert t["value"] == pytest.approx(10 / 19)
+    assert "sdpa-cudnn 19.0 (1 not run)" in report.format_summary(res)
+    assert "not measured 1" in report.format_summary(res)
+    ours = next(r for r in res["rows"] if r["shape"] == shape and r["impl"] == "flashdecode")
+    ours["us"] = 20.0  # slower than sdpa-cudnn, which ran: missed whatever flex would do
+    report.derive(res)
+    t = {(t["shape"], t["target"]): t for t in res["targets"]}[(shape, "no slower than the best peer")]
+    assert t["met"] is False and "not run: flex" in t["goal"]
+
+
+def test_peers_that_cannot_run_a_shape_leave_the_target_decided():
+    res = _fake_results()
+    for r in res["rows"]:
+        if r["impl"] == "flex":
+            r.update(status="n/a", reason="n/a: no paged cache")
+    report.derive(res)
+    t = next(t for t in res["targets"] if t["target"] == "no slower than the best peer")
+    assert t["met"] is True and t["goal"] == "<= 1.00"
+
+
 def test_text_and_markdown_reports():
     res = report.derive(_fake_results())
     text = report.format_report(res)

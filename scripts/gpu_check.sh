@@ -10,11 +10,14 @@
 # minutes, most of it compiling kernels: the modules below took 5:21 (372 tests) and 3:39 (329),
 # and tests/test_contract.py ran 668 of its 1078 tests in 9 minutes (its 524 compiled Triton cases
 # take about 3 s each) before the call's limit. TEST_WORKERS (pytest-xdist, default 8) spreads the
-# compiling over the machine's CPUs: the two module groups below together took 208 s (705 tests,
-# run 41), and the contract module ran about 960 of its tests in 315 s (run 40). A CUDA fault is
-# sticky: every later test of the same worker fails too, so look for the first failure of each
-# worker ([gwN] in the log). Run the benchmark alone (`RUN_TESTS=0 bash scripts/gpu_check.sh`)
-# and the tests over several calls; FLASHDECODE_TEST_SHARD=i/n runs every n-th test from the i-th:
+# compiling over the machine's CPUs: the two module groups below together took 221 s (705 tests,
+# run 42), and the contract module all its 1078 tests in 302 s with TEST_WORKERS=12 (run 43):
+#   TEST_WORKERS=12 RUN_BENCH=0 TEST_TIMEOUT=500 PYTEST_OPTS="-q" TEST_PATHS="tests/test_contract.py" \
+#     bash scripts/gpu_check.sh
+# A CUDA fault is sticky: every later test of the same worker fails too, so look for the first
+# failure of each worker ([gwN] in the log). Run the benchmark alone (`RUN_TESTS=0 bash
+# scripts/gpu_check.sh`) and the tests over several calls; without xdist,
+# FLASHDECODE_TEST_SHARD=i/n runs every n-th test from the i-th:
 #   FLASHDECODE_TEST_SHARD=0/3 (then 1/3, then 2/3) RUN_BENCH=0 TEST_TIMEOUT=540 \
 #     TEST_PATHS="tests/test_contract.py" bash scripts/gpu_check.sh
 #   RUN_BENCH=0 TEST_TIMEOUT=540 TEST_PATHS="tests/test_kernels.py tests/test_unchecked_values.py \

@@ -457,6 +457,88 @@ def test_aligned_table_knob_is_on_by_default_and_checked(monkeypatch):
         launch.aligned_table(32, 128, 16)
 
 
+# ---- K/V tiles through tensor descriptors (TMA_KV, FLASHDECODE_TMA=1) --------------------------
+
+# Contiguous caches the descriptor path takes: 16-bit, power-of-two head dims, one page per sequence.
+TMA_SPECS = [
+    # Decode with the append fused (new key rotated), GQA 4:1, some sequences short of a tile.
+    Spec("tma-decode-gqa-append-rot", q_lens=(1, 1, 1), cache_lens=(7, 0, 150), new_lens=(1, 1, 1), heads=8,
+         kv_heads=2, head_dim=64, dtype=torch.bfloat16, page_size=200, contiguous=True, rotary_frac=1.0, causal=True),
+    # Speculative verification with leftpad, ALiBi, softcap and a two-sided window: masked tiles at
+    # both ends of the visible range, fp16.
+    Spec("tma-spec-leftpad-window", q_lens=(3, 2), cache_lens=(190, 133), new_lens=(3, 2), heads=4, kv_heads=1,
+         head_dim=32, dtype=torch.float16, page_size=256, contiguous=True, leftpad=(5, 70), alibi=True,
+         window=(90, 1), softcap=4.0),
+    # Prefill (append kernel first, 128-row query tiles), causal.
+    Spec("tma-prefill-causal", q_lens=(150, 9), cache_lens=(40, 0), new_lens=(150, 9), heads=2, kv_heads=1,
+         head_dim=16, dtype=torch.bfloat16, page_size=256, contiguous=True, causal=True, splits=(1, 3)),
+    # One sequence and one KV head (num_pages == 1 reaches the kernel as a constant).
+    Spec("tma-one-sequence-mqa", q_lens=(1,), cache_lens=(900,), new_lens=(1,), heads=8, kv_heads=1, head_dim=128,
+         dtype=torch.bfloat16, page_size=1024, contiguous=True, extra_pages=0, rotary_frac=1.0, causal=True,
+         splits=(1, 0, 3)),
+]
+
+
+def _contiguous_poisoned(p: PackedProblem) -> PackedProblem:
+    """`p` with contiguous K/V pools whose slots outside every sequence's visible keys (before its
+    left padding, after its last key, unused pages) hold NaN: a tile read past the keys must not
+    let them into the result."""
+    k, v = p.k_pages.contiguous().clone(), p.v_pages.contiguous().clone()
+    keep = torch.zeros(k.shape[:2], dtype=torch.bool)
+    table = p.block_table.cpu().tolist()
+    lens, lefts = p.cache_seqlens.cpu().tolist(), p.cache_leftpad.cpu().tolist()
+    cu_k = p.cu_seqlens_k_new.cpu().tolist()
+    for b in range(p.batch):
+        end = lens[b] + cu_k[b + 1] - cu_k[b]
+        keep[table[b][0], lefts[b]:end] = True
+    keep = keep.to(k.device)
+    k[~keep] = float("nan")
+    v[~keep] = float("nan")
+    return dataclasses.replace(p, k_pages=k, v_pages=v)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("spec", TMA_SPECS, ids=lambda s: s.name)
+def test_tma_tiles_match_brute_force(spec, device, monkeypatch):
+    """With ``FLASHDECODE_TMA=1`` a contiguous 16-bit cache is read through tensor descriptors
+    (TMA_KV; on a GPU, Hopper's TMA), and every split count equals the float64 brute force with
+    NaN in every slot outside the keys."""
+    launch = _launch()
+    spy = _KernelSpy(launch.attention_split_kernel)
+    monkeypatch.setattr(launch, "attention_split_kernel", spy)
+    monkeypatch.setenv("FLASHDECODE_TMA", "1")
+    p = _contiguous_poisoned(build(spec, device, seed=11))
+    want_out, want_lse, _, _ = brute_force(p)
+    for n in spec.splits:
+        out, lse, _, _ = run_triton(p, n)
+        assert spy.calls[-1]["TMA_KV"] is True
+        assert_close_attention(out, lse, want_out, want_lse, spec.dtype, f"{spec.name} splits={n}")
+
+
+def test_tma_knob_and_eligibility(monkeypatch):
+    """Off by default; on, only where one descriptor per cache covers every tile."""
+    launch = _launch()
+    spec = TMA_SPECS[0]
+    p = _contiguous_poisoned(build(spec, torch.device("cpu")))
+    monkeypatch.delenv("FLASHDECODE_TMA", raising=False)
+    assert launch.kv_descriptors(p, 64) is None
+    monkeypatch.setenv("FLASHDECODE_TMA", "1")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert launch.kv_descriptors(p, 64) is not None
+    strided = build(spec, torch.device("cpu"))  # pools are views of wider rows
+    assert not strided.k_pages.is_contiguous() and launch.kv_descriptors(strided, 64) is None
+    paged = _contiguous_poisoned(build(dataclasses.replace(spec, contiguous=False, page_size=16, max_pages=16),
+                                       torch.device("cpu")))
+    assert launch.kv_descriptors(paged, 64) is None
+    fp32 = _contiguous_poisoned(build(dataclasses.replace(spec, dtype=torch.float32), torch.device("cpu")))
+    assert launch.kv_descriptors(fp32, 64) is None
+    d80 = _contiguous_poisoned(build(dataclasses.replace(spec, head_dim=80), torch.device("cpu")))
+    assert launch.kv_descriptors(d80, 64) is None
+    monkeypatch.setenv("FLASHDECODE_TMA", "yes")
+    with pytest.raises(ValueError, match="FLASHDECODE_TMA"):
+        launch.kv_descriptors(p, 64)
+
+
 def test_late_row_sum_knob_is_checked(monkeypatch):
     launch = _launch()
     decode = launch.heuristics.TileConfig(block_m=16, block_n=64, num_warps=4, num_stages=3)

@@ -2,6 +2,7 @@
 the sequence's own valid pages, on either backend: pages outside the pool, negative entries and
 slots past the capacity are skipped, and the rest of the cache is left as it was."""
 
+import pytest
 import torch
 
 from flashdecode import flash_attn_with_kvcache
@@ -44,3 +45,23 @@ def test_checks_on_refuse_the_same_call(device):
         assert "block_table" in str(exc)
     else:
         raise AssertionError("a block-table entry outside the pool was accepted")
+
+
+@pytest.mark.interpreter
+def test_bad_values_with_checks_off_stay_inside_on_the_tma_path(device, monkeypatch):
+    """The same for a contiguous 16-bit cache read through tensor descriptors (FLASHDECODE_TMA=1):
+    a batch index outside the cache and lengths past the capacity give finite results and leave
+    the cache as it was (nothing to append)."""
+    monkeypatch.setenv("FLASHDECODE_TMA", "1")
+    monkeypatch.setenv("FLASHDECODE_BACKEND", "triton")
+    g = torch.Generator().manual_seed(8)
+    k_cache = torch.randn(3, 40, 2, 32, generator=g).to(torch.bfloat16).to(device)
+    v_cache = torch.randn(3, 40, 2, 32, generator=g).to(torch.bfloat16).to(device)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    q = torch.randn(2, 1, 4, 32, generator=g).to(torch.bfloat16).to(device)
+    seqlens = torch.tensor([50, 17], dtype=torch.int32, device=device)  # 50 > capacity 40
+    batch_idx = torch.tensor([7, -1], dtype=torch.int32, device=device)  # neither is a row of the cache
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, cache_batch_idx=batch_idx,
+                                  check_values=False)
+    assert torch.isfinite(out.float()).all()
+    assert torch.equal(k_cache, before_k) and torch.equal(v_cache, before_v)

@@ -58,6 +58,16 @@ ATTENTION_VARIANTS: dict[str, dict[str, Any]] = {
     "decode-aligned-table": dict(TILE_IN_PAGE=False, GATHER_PAGE=16, LATE_SUM=True, TABLE_ALIGNED=True),
     "decode-aligned-table-d64": dict(HEAD_DIM=64, HEAD_DIM_P2=64, BLOCK_N=128, GROUP=3, SPLIT=False, TILE_IN_PAGE=False,
                                      GATHER_PAGE=16, LATE_SUM=True, TABLE_ALIGNED=True),
+    # launch.kv_descriptors (FLASHDECODE_TMA=1): K/V tiles of a contiguous cache through TMA.
+    "decode-tma": dict(SINGLE_PAGE=True, LATE_SUM=True, TMA_KV=True),
+    "decode-tma-d64": dict(HEAD_DIM=64, HEAD_DIM_P2=64, BLOCK_N=128, GROUP=3, SPLIT=False, SINGLE_PAGE=True,
+                           LATE_SUM=True, TMA_KV=True),
+    "decode-tma-mqa-batch-1": dict(BLOCK_M=32, GROUP=32, num_kv_heads=1, SINGLE_PAGE=True, num_pages=1, max_pages=1,
+                                   total_q=1, LATE_SUM=True, TMA_KV=True),
+    "decode-tma-fused-append": dict(SINGLE_PAGE=True, LATE_SUM=True, TMA_KV=True, APPEND=True, ROTARY_DIM=128,
+                                    ROTARY_INTERLEAVED=False),
+    "decode-tma-d256": dict(HEAD_DIM=256, HEAD_DIM_P2=256, BLOCK_N=32, SINGLE_PAGE=True, TMA_KV=True),
+    "prefill-tma": dict(BLOCK_M=128, BLOCK_N=64, SPLIT=False, num_warps=8, SINGLE_PAGE=True, TMA_KV=True),
     "decode-d256-fp16": dict(dtype="fp16", HEAD_DIM=256, HEAD_DIM_P2=256, BLOCK_N=32, num_stages=3),
     "decode-d256-fused-append": dict(HEAD_DIM=256, HEAD_DIM_P2=256, BLOCK_N=32, num_stages=3, APPEND=True,
                                      ROTARY_DIM=256, ROTARY_INTERLEAVED=False),
@@ -82,6 +92,8 @@ def _compile(kernel: Any, ptr_types: dict[str, str], consts: dict[str, Any], flo
             sig[name] = "constexpr"
             continue
         sig[name] = ptr_types.get(name, "fp32" if name in float_args else "i32")
+        if sig[name].startswith("tensordesc"):
+            continue  # a TMA descriptor: no divisibility hint
         if name in ptr_types or name.startswith("stride"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=kernel, signature=sig, constexprs={(params.index(k),): v for k, v in consts.items()}, attrs=attrs)
@@ -168,13 +180,16 @@ def attention_variant(**kw: Any) -> Any:
         SINGLE_PAGE=False, TABLE_ALIGNED=False, OFFSETS_32=True,
         HAS_WINDOW_LEFT=False, HAS_WINDOW_RIGHT=True, HAS_SOFTCAP=False, HAS_ALIBI=False, ROTARY_DIM=0,
         ROTARY_INTERLEAVED=True, ROTARY_PER_POSITION=True, DOT_FP32=False, LATE_SUM=False, APPEND=False,
-        APPEND_ROWS=16,
+        APPEND_ROWS=16, USE_PDL=False, TMA_KV=False,
         stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1,
     )
     consts.update(kw)
     if consts["HEAD_DIM"] > consts["HEAD_DIM_P2"]:
         consts["HEAD_DIM_P2"] = 256
-    ptrs = {n: f"*{dt}" for n in ("Q", "K_CACHE", "V_CACHE", "COS", "SIN", "K_NEW", "V_NEW")}
+    ptrs = {n: f"*{dt}" for n in ("Q", "K_CACHE", "V_CACHE", "COS", "SIN", "K_NEW", "V_NEW", "K_DESC", "V_DESC")}
+    if consts.get("TMA_KV"):
+        desc = f"tensordesc<{dt}[{consts['BLOCK_N']},{consts['HEAD_DIM_P2']}]>"
+        ptrs.update(K_DESC=desc, V_DESC=desc)
     ptrs.update({n: "*i32" for n in ("BLOCK_TABLE", "CU_SEQLENS_Q", "CACHE_SEQLENS", "CACHE_LEFTPAD",
                                      "CU_SEQLENS_K_NEW", "ROTARY_SEQLENS")})
     ptrs.update(ALIBI="*fp32", OUT="*fp32" if consts["SPLIT"] else f"*{dt}", LSE="*fp32")

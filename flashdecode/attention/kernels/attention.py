@@ -17,7 +17,8 @@ tile (``GATHER_PAGE``, e.g. 16) takes the tile's few entries as one small vector
 for its page's slots and uses a constant in-page slot per row; any other page size looks up each
 slot (a division by the runtime page size per slot). A table of one page per sequence (every
 contiguous cache: ``SINGLE_PAGE``) reads its one entry without waiting for the cache lengths. All
-read the same addresses.
+read the same addresses. With ``TMA_KV`` (off by default, `launch.kv_descriptors`) the tiles of
+a contiguous cache come through tensor descriptors (TMA on Hopper) instead of pointers.
 
 Fused append (``APPEND``, a few new keys per sequence): the kernel also writes the new keys and
 values into the cache, and reads them from the new-key tensors as one extra tile (see the kernel's
@@ -55,6 +56,8 @@ def attention_split_kernel(
     LSE,
     K_NEW,
     V_NEW,
+    K_DESC,
+    V_DESC,
     total_q,
     total_new,
     num_kv_heads,
@@ -116,6 +119,7 @@ def attention_split_kernel(
     APPEND: tl.constexpr,
     APPEND_ROWS: tl.constexpr,
     USE_PDL: tl.constexpr = False,
+    TMA_KV: tl.constexpr = False,
 ):
     """Grid ``(num_m_tiles * num_kv_heads, batch, num_splits)``.
 
@@ -135,6 +139,10 @@ def attention_split_kernel(
 
     ``LATE_SUM`` (the launcher's `late_row_sum`): the key loop keeps the softmax denominators per
     key column and sums them once after the loop (see `attend`).
+
+    ``TMA_KV`` (the launcher's `kv_descriptors`; one page per sequence): cache tiles are read
+    through the tensor descriptors ``K_DESC``/``V_DESC`` (Hopper's TMA) instead of per-thread
+    pointers; otherwise those two arguments are unused.
 
     ``USE_PDL`` (a launch with programmatic dependent launch): wait for the previous kernel before
     the first load; let the next kernel launch once the key loop is done, so that its launch
@@ -255,6 +263,13 @@ def attention_split_kernel(
 
     K_BASE = K_CACHE + hk * stride_kh
     V_BASE = V_CACHE + hk * stride_vh
+    if TMA_KV:
+        # The sequence's one page, clamped into the pool as the pointer path clamps it.
+        tma_row = tl.minimum(tl.load(BT_ROW).to(tl.uint32), num_pages - 1).to(tl.int32) * page_size
+        tma_col = hk * HEAD_DIM
+    else:
+        tma_row = 0
+        tma_col = 0
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P2], dtype=tl.float32)
     if LATE_SUM:
         l_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -294,8 +309,9 @@ def attention_split_kernel(
                 acc, l_i, m_i, q, start, page, K_BASE, V_BASE, num_pages, page_size,
                 stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd,
                 kv_lo, kv_hi_cache, rel_row, slope, qk_scale, softcap_log2, window_left, window_right,
+                K_DESC, V_DESC, tma_row, tma_col,
                 HEAD_DIM, HEAD_DIM_P2, BLOCK_N, phase != 1, TILE_IN_PAGE, GATHER_PAGE, SINGLE_PAGE, OFFSETS_32,
-                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32, LATE_SUM,
+                HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32, LATE_SUM, TMA_KV,
             )
             page = page_next
     if LATE_SUM:

@@ -99,6 +99,10 @@ def key_tile(
     softcap_log2,
     window_left,
     window_right,
+    K_DESC,
+    V_DESC,
+    tma_row,
+    tma_col,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -113,65 +117,80 @@ def key_tile(
     HAS_ALIBI: tl.constexpr,
     DOT_FP32: tl.constexpr,
     LATE_SUM: tl.constexpr,
+    TMA_KV: tl.constexpr = False,
 ):
     """One key tile ``[start, start + BLOCK_N)`` of the online softmax.
 
     ``rel_row`` is ``i + (end - Sq)`` per row: key slot t is at bottom-right distance
     ``rel_row - t``. Unmasked tiles lie entirely inside every row's visible range, so they skip the
     score mask; only page-id validity guards their loads.
+
+    ``TMA_KV`` (one page per sequence; the launcher's `kv_descriptors`): an unmasked tile is read
+    through the tensor descriptors ``K_DESC``/``V_DESC`` of the cache viewed as (slots, heads x
+    dim), at row ``tma_row + start`` (``tma_row``: the sequence's page, clamped into the pool as
+    below, times the page size) and column ``tma_col`` (the KV head's first channel), instead of
+    per-thread pointers. Masked tiles keep the pointer loads: their slots past the keys may hold
+    anything, NaN included, which masked loads replace by zeros; zeroing the values of a
+    descriptor load instead (0 * NaN is NaN in p @ v) took the kernel from 147 to 208 registers
+    and from 70 to 86 KiB of shared memory (Triton 3.6, sm_90).
     """
     offs_n = start + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM_P2)
-    # Per-row page arithmetic for every layout. (A variant with one 64-bit base per tile and 32-bit
-    # row offsets for TILE_IN_PAGE, commit 6e33e80, had fewer instructions but more registers and
-    # made the contiguous cache slower on an H200, run 15: B=8 L=8192 32/8 heads 96.5 us against
-    # 80.4 us in run 4 and 77.3 us for the paged cache in the same run. Reverted.) With OFFSETS_32
-    # the row offsets are unsigned 32 x 32 -> 64-bit products: compiled by Triton 3.6 for sm_90 the
-    # unmasked key loop of the contiguous decode kernel (D=128, 64-key tiles) went from 343 to 308
-    # instructions and the kernel from 152 to 105 registers; paged page 16 from 355 to 327, and at
-    # D=64 (128-key tiles) from 460 to 406. On an H200 (2026-11-28, run 29, A/B in one call) B=1
-    # L=4096 went from 11.1 to 10.6 us, MQA from 44.5 to 43.7, 9/3 heads from 30.8 to 30.3; the
-    # other shapes moved by less than 0.5%.
-    if MASKED:
-        row_ok = (page >= 0) & (page < num_pages)
-        page = tl.where(row_ok, page, 0)
+    if TMA_KV and not MASKED:
+        k = K_DESC.load([tma_row + start, tma_col])
+        v = V_DESC.load([tma_row + start, tma_col])
+        key_ok = offs_n >= 0  # unused: an unmasked tile has no key mask
     else:
-        # An invalid page id (possible only with value checks off) reads the pool's last page
-        # instead (a negative id is a large unsigned one): no load of an unmasked tile needs a
-        # mask, and no load leaves the cache. One unsigned min per page id instead of two
-        # compares and a select: with the clamped table reads of `page_ids`, the paged 9/3-head
-        # decode (D=64, page 16) went from 32.8 to 31.8 us on an H200 (run 31, A/B in one call).
-        # (num_pages - 1 takes the unsigned type of the other operand; no `.to` on it: Triton
-        # passes num_pages == 1 as a constant, whose Python int has no `.to`.)
-        page = tl.minimum(page.to(tl.uint32), num_pages - 1).to(tl.int32)
-        row_ok = page >= 0  # unused: an unmasked tile has no key mask
-    if SINGLE_PAGE:
-        in_page = offs_n  # one page from slot 0: the slot is the in-page slot
-    elif GATHER_PAGE > 0:
-        # start is a multiple of BLOCK_N, hence of the page: the in-page slot is fixed per row.
-        in_page = tl.arange(0, BLOCK_N) & (GATHER_PAGE - 1)
-    elif TILE_IN_PAGE:
-        in_page = (start % page_size) + tl.arange(0, BLOCK_N)
-    else:
-        in_page = offs_n % page_size
-    if OFFSETS_32:
-        k_row = wide_product(page, stride_kp) + wide_product(in_page, stride_ks)
-        v_row = wide_product(page, stride_vp) + wide_product(in_page, stride_vs)
-    else:
-        k_row = page.to(tl.int64) * stride_kp + in_page.to(tl.int64) * stride_ks
-        v_row = page.to(tl.int64) * stride_vp + in_page.to(tl.int64) * stride_vs
-    k_ptrs = K_BASE + k_row[:, None] + offs_d[None, :] * stride_kd
-    v_ptrs = V_BASE + v_row[:, None] + offs_d[None, :] * stride_vd
-    if MASKED:
-        key_ok = row_ok & (offs_n >= kv_lo) & (offs_n < kv_hi)
-        ld_mask = key_ok[:, None]
-    else:
-        key_ok = row_ok
-        ld_mask = tl.full([BLOCK_N, 1], True, tl.int1)
-    if HEAD_DIM != HEAD_DIM_P2:
-        ld_mask = ld_mask & (offs_d < HEAD_DIM)[None, :]
-    k = tl.load(k_ptrs, mask=ld_mask, other=0.0)
-    v = tl.load(v_ptrs, mask=ld_mask, other=0.0)
+        offs_d = tl.arange(0, HEAD_DIM_P2)
+        # Per-row page arithmetic for every layout. (A variant with one 64-bit base per tile and 32-bit
+        # row offsets for TILE_IN_PAGE, commit 6e33e80, had fewer instructions but more registers and
+        # made the contiguous cache slower on an H200, run 15: B=8 L=8192 32/8 heads 96.5 us against
+        # 80.4 us in run 4 and 77.3 us for the paged cache in the same run. Reverted.) With OFFSETS_32
+        # the row offsets are unsigned 32 x 32 -> 64-bit products: compiled by Triton 3.6 for sm_90 the
+        # unmasked key loop of the contiguous decode kernel (D=128, 64-key tiles) went from 343 to 308
+        # instructions and the kernel from 152 to 105 registers; paged page 16 from 355 to 327, and at
+        # D=64 (128-key tiles) from 460 to 406. On an H200 (2026-11-28, run 29, A/B in one call) B=1
+        # L=4096 went from 11.1 to 10.6 us, MQA from 44.5 to 43.7, 9/3 heads from 30.8 to 30.3; the
+        # other shapes moved by less than 0.5%.
+        if MASKED:
+            row_ok = (page >= 0) & (page < num_pages)
+            page = tl.where(row_ok, page, 0)
+        else:
+            # An invalid page id (possible only with value checks off) reads the pool's last page
+            # instead (a negative id is a large unsigned one): no load of an unmasked tile needs a
+            # mask, and no load leaves the cache. One unsigned min per page id instead of two
+            # compares and a select: with the clamped table reads of `page_ids`, the paged 9/3-head
+            # decode (D=64, page 16) went from 32.8 to 31.8 us on an H200 (run 31, A/B in one call).
+            # (num_pages - 1 takes the unsigned type of the other operand; no `.to` on it: Triton
+            # passes num_pages == 1 as a constant, whose Python int has no `.to`.)
+            page = tl.minimum(page.to(tl.uint32), num_pages - 1).to(tl.int32)
+            row_ok = page >= 0  # unused: an unmasked tile has no key mask
+        if SINGLE_PAGE:
+            in_page = offs_n  # one page from slot 0: the slot is the in-page slot
+        elif GATHER_PAGE > 0:
+            # start is a multiple of BLOCK_N, hence of the page: the in-page slot is fixed per row.
+            in_page = tl.arange(0, BLOCK_N) & (GATHER_PAGE - 1)
+        elif TILE_IN_PAGE:
+            in_page = (start % page_size) + tl.arange(0, BLOCK_N)
+        else:
+            in_page = offs_n % page_size
+        if OFFSETS_32:
+            k_row = wide_product(page, stride_kp) + wide_product(in_page, stride_ks)
+            v_row = wide_product(page, stride_vp) + wide_product(in_page, stride_vs)
+        else:
+            k_row = page.to(tl.int64) * stride_kp + in_page.to(tl.int64) * stride_ks
+            v_row = page.to(tl.int64) * stride_vp + in_page.to(tl.int64) * stride_vs
+        k_ptrs = K_BASE + k_row[:, None] + offs_d[None, :] * stride_kd
+        v_ptrs = V_BASE + v_row[:, None] + offs_d[None, :] * stride_vd
+        if MASKED:
+            key_ok = row_ok & (offs_n >= kv_lo) & (offs_n < kv_hi)
+            ld_mask = key_ok[:, None]
+        else:
+            key_ok = row_ok
+            ld_mask = tl.full([BLOCK_N, 1], True, tl.int1)
+        if HEAD_DIM != HEAD_DIM_P2:
+            ld_mask = ld_mask & (offs_d < HEAD_DIM)[None, :]
+        k = tl.load(k_ptrs, mask=ld_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=ld_mask, other=0.0)
     return attend(
         acc, l_i, m_i, q, k, v, offs_n, key_ok, rel_row, slope, qk_scale, softcap_log2, window_left, window_right,
         MASKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32, LATE_SUM,

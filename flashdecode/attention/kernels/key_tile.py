@@ -74,6 +74,89 @@ def wide_product(a, stride):
 
 
 @triton.jit
+def pointer_tile(
+    start,
+    offs_n,
+    page,
+    K_BASE,
+    V_BASE,
+    num_pages,
+    page_size,
+    stride_kp,
+    stride_ks,
+    stride_kd,
+    stride_vp,
+    stride_vs,
+    stride_vd,
+    kv_lo,
+    kv_hi,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P2: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    TILE_IN_PAGE: tl.constexpr,
+    GATHER_PAGE: tl.constexpr,
+    SINGLE_PAGE: tl.constexpr,
+    OFFSETS_32: tl.constexpr,
+):
+    """(k, v, key_ok) of the key tile at ``start`` through per-thread pointers: ``page`` holds each
+    slot's page id (`page_ids`); a masked tile loads zeros for the slots outside
+    ``[kv_lo, kv_hi)`` or on a page outside the pool."""
+    offs_d = tl.arange(0, HEAD_DIM_P2)
+    # Per-row page arithmetic for every layout. (A variant with one 64-bit base per tile and 32-bit
+    # row offsets for TILE_IN_PAGE, commit 6e33e80, had fewer instructions but more registers and
+    # made the contiguous cache slower on an H200, run 15: B=8 L=8192 32/8 heads 96.5 us against
+    # 80.4 us in run 4 and 77.3 us for the paged cache in the same run. Reverted.) With OFFSETS_32
+    # the row offsets are unsigned 32 x 32 -> 64-bit products: compiled by Triton 3.6 for sm_90 the
+    # unmasked key loop of the contiguous decode kernel (D=128, 64-key tiles) went from 343 to 308
+    # instructions and the kernel from 152 to 105 registers; paged page 16 from 355 to 327, and at
+    # D=64 (128-key tiles) from 460 to 406. On an H200 (2026-11-28, run 29, A/B in one call) B=1
+    # L=4096 went from 11.1 to 10.6 us, MQA from 44.5 to 43.7, 9/3 heads from 30.8 to 30.3; the
+    # other shapes moved by less than 0.5%.
+    if MASKED:
+        row_ok = (page >= 0) & (page < num_pages)
+        page = tl.where(row_ok, page, 0)
+    else:
+        # An invalid page id (possible only with value checks off) reads the pool's last page
+        # instead (a negative id is a large unsigned one): no load of an unmasked tile needs a
+        # mask, and no load leaves the cache. One unsigned min per page id instead of two
+        # compares and a select: with the clamped table reads of `page_ids`, the paged 9/3-head
+        # decode (D=64, page 16) went from 32.8 to 31.8 us on an H200 (run 31, A/B in one call).
+        # (num_pages - 1 takes the unsigned type of the other operand; no `.to` on it: Triton
+        # passes num_pages == 1 as a constant, whose Python int has no `.to`.)
+        page = tl.minimum(page.to(tl.uint32), num_pages - 1).to(tl.int32)
+        row_ok = page >= 0  # unused: an unmasked tile has no key mask
+    if SINGLE_PAGE:
+        in_page = offs_n  # one page from slot 0: the slot is the in-page slot
+    elif GATHER_PAGE > 0:
+        # start is a multiple of BLOCK_N, hence of the page: the in-page slot is fixed per row.
+        in_page = tl.arange(0, BLOCK_N) & (GATHER_PAGE - 1)
+    elif TILE_IN_PAGE:
+        in_page = (start % page_size) + tl.arange(0, BLOCK_N)
+    else:
+        in_page = offs_n % page_size
+    if OFFSETS_32:
+        k_row = wide_product(page, stride_kp) + wide_product(in_page, stride_ks)
+        v_row = wide_product(page, stride_vp) + wide_product(in_page, stride_vs)
+    else:
+        k_row = page.to(tl.int64) * stride_kp + in_page.to(tl.int64) * stride_ks
+        v_row = page.to(tl.int64) * stride_vp + in_page.to(tl.int64) * stride_vs
+    k_ptrs = K_BASE + k_row[:, None] + offs_d[None, :] * stride_kd
+    v_ptrs = V_BASE + v_row[:, None] + offs_d[None, :] * stride_vd
+    if MASKED:
+        key_ok = row_ok & (offs_n >= kv_lo) & (offs_n < kv_hi)
+        ld_mask = key_ok[:, None]
+    else:
+        key_ok = row_ok
+        ld_mask = tl.full([BLOCK_N, 1], True, tl.int1)
+    if HEAD_DIM != HEAD_DIM_P2:
+        ld_mask = ld_mask & (offs_d < HEAD_DIM)[None, :]
+    k = tl.load(k_ptrs, mask=ld_mask, other=0.0)
+    v = tl.load(v_ptrs, mask=ld_mask, other=0.0)
+    return k, v, key_ok
+
+
+@triton.jit
 def key_tile(
     acc,
     l_i,
@@ -128,7 +211,7 @@ def key_tile(
     ``TMA_KV`` (one page per sequence; the launcher's `kv_descriptors`): an unmasked tile is read
     through the tensor descriptors ``K_DESC``/``V_DESC`` of the cache viewed as (slots, heads x
     dim), at row ``tma_row + start`` (``tma_row``: the sequence's page, clamped into the pool as
-    below, times the page size) and column ``tma_col`` (the KV head's first channel), instead of
+    `pointer_tile` clamps it, times the page size) and column ``tma_col`` (the KV head's first channel), instead of
     per-thread pointers. Masked tiles keep the pointer loads: their slots past the keys may hold
     anything, NaN included, which masked loads replace by zeros; zeroing the values of a
     descriptor load instead (0 * NaN is NaN in p @ v) took the kernel from 147 to 208 registers
@@ -140,57 +223,11 @@ def key_tile(
         v = V_DESC.load([tma_row + start, tma_col])
         key_ok = offs_n >= 0  # unused: an unmasked tile has no key mask
     else:
-        offs_d = tl.arange(0, HEAD_DIM_P2)
-        # Per-row page arithmetic for every layout. (A variant with one 64-bit base per tile and 32-bit
-        # row offsets for TILE_IN_PAGE, commit 6e33e80, had fewer instructions but more registers and
-        # made the contiguous cache slower on an H200, run 15: B=8 L=8192 32/8 heads 96.5 us against
-        # 80.4 us in run 4 and 77.3 us for the paged cache in the same run. Reverted.) With OFFSETS_32
-        # the row offsets are unsigned 32 x 32 -> 64-bit products: compiled by Triton 3.6 for sm_90 the
-        # unmasked key loop of the contiguous decode kernel (D=128, 64-key tiles) went from 343 to 308
-        # instructions and the kernel from 152 to 105 registers; paged page 16 from 355 to 327, and at
-        # D=64 (128-key tiles) from 460 to 406. On an H200 (2026-11-28, run 29, A/B in one call) B=1
-        # L=4096 went from 11.1 to 10.6 us, MQA from 44.5 to 43.7, 9/3 heads from 30.8 to 30.3; the
-        # other shapes moved by less than 0.5%.
-        if MASKED:
-            row_ok = (page >= 0) & (page < num_pages)
-            page = tl.where(row_ok, page, 0)
-        else:
-            # An invalid page id (possible only with value checks off) reads the pool's last page
-            # instead (a negative id is a large unsigned one): no load of an unmasked tile needs a
-            # mask, and no load leaves the cache. One unsigned min per page id instead of two
-            # compares and a select: with the clamped table reads of `page_ids`, the paged 9/3-head
-            # decode (D=64, page 16) went from 32.8 to 31.8 us on an H200 (run 31, A/B in one call).
-            # (num_pages - 1 takes the unsigned type of the other operand; no `.to` on it: Triton
-            # passes num_pages == 1 as a constant, whose Python int has no `.to`.)
-            page = tl.minimum(page.to(tl.uint32), num_pages - 1).to(tl.int32)
-            row_ok = page >= 0  # unused: an unmasked tile has no key mask
-        if SINGLE_PAGE:
-            in_page = offs_n  # one page from slot 0: the slot is the in-page slot
-        elif GATHER_PAGE > 0:
-            # start is a multiple of BLOCK_N, hence of the page: the in-page slot is fixed per row.
-            in_page = tl.arange(0, BLOCK_N) & (GATHER_PAGE - 1)
-        elif TILE_IN_PAGE:
-            in_page = (start % page_size) + tl.arange(0, BLOCK_N)
-        else:
-            in_page = offs_n % page_size
-        if OFFSETS_32:
-            k_row = wide_product(page, stride_kp) + wide_product(in_page, stride_ks)
-            v_row = wide_product(page, stride_vp) + wide_product(in_page, stride_vs)
-        else:
-            k_row = page.to(tl.int64) * stride_kp + in_page.to(tl.int64) * stride_ks
-            v_row = page.to(tl.int64) * stride_vp + in_page.to(tl.int64) * stride_vs
-        k_ptrs = K_BASE + k_row[:, None] + offs_d[None, :] * stride_kd
-        v_ptrs = V_BASE + v_row[:, None] + offs_d[None, :] * stride_vd
-        if MASKED:
-            key_ok = row_ok & (offs_n >= kv_lo) & (offs_n < kv_hi)
-            ld_mask = key_ok[:, None]
-        else:
-            key_ok = row_ok
-            ld_mask = tl.full([BLOCK_N, 1], True, tl.int1)
-        if HEAD_DIM != HEAD_DIM_P2:
-            ld_mask = ld_mask & (offs_d < HEAD_DIM)[None, :]
-        k = tl.load(k_ptrs, mask=ld_mask, other=0.0)
-        v = tl.load(v_ptrs, mask=ld_mask, other=0.0)
+        k, v, key_ok = pointer_tile(
+            start, offs_n, page, K_BASE, V_BASE, num_pages, page_size, stride_kp, stride_ks, stride_kd,
+            stride_vp, stride_vs, stride_vd, kv_lo, kv_hi,
+            HEAD_DIM, HEAD_DIM_P2, BLOCK_N, MASKED, TILE_IN_PAGE, GATHER_PAGE, SINGLE_PAGE, OFFSETS_32,
+        )
     return attend(
         acc, l_i, m_i, q, k, v, offs_n, key_ok, rel_row, slope, qk_scale, softcap_log2, window_left, window_right,
         MASKED, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_SOFTCAP, HAS_ALIBI, DOT_FP32, LATE_SUM,

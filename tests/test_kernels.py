@@ -472,6 +472,12 @@ TMA_SPECS = [
     # Prefill (append kernel first, 128-row query tiles), causal.
     Spec("tma-prefill-causal", q_lens=(150, 9), cache_lens=(40, 0), new_lens=(150, 9), heads=2, kv_heads=1,
          head_dim=16, dtype=torch.bfloat16, page_size=256, contiguous=True, causal=True, splits=(1, 3)),
+    # Paged, pages of two 64-key tiles (D=128): each tile finds its page, sequences cross pages.
+    Spec("tma-paged-page128-gqa-append", q_lens=(1, 1), cache_lens=(300, 129), new_lens=(1, 1), heads=6, kv_heads=3,
+         head_dim=128, dtype=torch.bfloat16, page_size=128, max_pages=4, rotary_frac=0.5, causal=True),
+    # Paged, one 128-key tile per page (D=64), speculative rows and a left window, fp16.
+    Spec("tma-paged-page128-spec-window", q_lens=(2, 4), cache_lens=(390, 200), new_lens=(2, 4), heads=4, kv_heads=2,
+         head_dim=64, dtype=torch.float16, page_size=128, max_pages=4, window=(250, 0), causal=True),
     # One sequence and one KV head (num_pages == 1 reaches the kernel as a constant).
     Spec("tma-one-sequence-mqa", q_lens=(1,), cache_lens=(900,), new_lens=(1,), heads=8, kv_heads=1, head_dim=128,
          dtype=torch.bfloat16, page_size=1024, contiguous=True, extra_pages=0, rotary_frac=1.0, causal=True,
@@ -488,9 +494,10 @@ def _contiguous_poisoned(p: PackedProblem) -> PackedProblem:
     table = p.block_table.cpu().tolist()
     lens, lefts = p.cache_seqlens.cpu().tolist(), p.cache_leftpad.cpu().tolist()
     cu_k = p.cu_seqlens_k_new.cpu().tolist()
+    page_size = k.shape[1]
     for b in range(p.batch):
-        end = lens[b] + cu_k[b + 1] - cu_k[b]
-        keep[table[b][0], lefts[b]:end] = True
+        for t in range(lefts[b], lens[b] + cu_k[b + 1] - cu_k[b]):
+            keep[table[b][t // page_size], t % page_size] = True
     keep = keep.to(k.device)
     k[~keep] = float("nan")
     v[~keep] = float("nan")
@@ -500,9 +507,9 @@ def _contiguous_poisoned(p: PackedProblem) -> PackedProblem:
 @pytest.mark.interpreter
 @pytest.mark.parametrize("spec", TMA_SPECS, ids=lambda s: s.name)
 def test_tma_tiles_match_brute_force(spec, device, monkeypatch):
-    """With ``FLASHDECODE_TMA=1`` a contiguous 16-bit cache is read through tensor descriptors
-    (TMA_KV; on a GPU, Hopper's TMA), and every split count equals the float64 brute force with
-    NaN in every slot outside the keys."""
+    """With ``FLASHDECODE_TMA=1`` a contiguous 16-bit cache, or a pool of pages that hold whole key
+    tiles, is read through tensor descriptors (TMA_KV; on a GPU, Hopper's TMA), and every split
+    count equals the float64 brute force with NaN in every slot outside the keys."""
     launch = _launch()
     spy = _KernelSpy(launch.attention_split_kernel)
     monkeypatch.setattr(launch, "attention_split_kernel", spy)
@@ -529,7 +536,11 @@ def test_tma_knob_and_eligibility(monkeypatch):
     assert not strided.k_pages.is_contiguous() and launch.kv_descriptors(strided, 64) is None
     paged = _contiguous_poisoned(build(dataclasses.replace(spec, contiguous=False, page_size=16, max_pages=16),
                                        torch.device("cpu")))
-    assert launch.kv_descriptors(paged, 64) is None
+    assert launch.kv_descriptors(paged, 64) is None  # a tile spans 4 pages
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        whole = _contiguous_poisoned(build(dataclasses.replace(spec, contiguous=False, page_size=128, max_pages=2),
+                                           torch.device("cpu")))
+        assert launch.kv_descriptors(whole, 64) is not None and launch.kv_descriptors(whole, 256) is None
     fp32 = _contiguous_poisoned(build(dataclasses.replace(spec, dtype=torch.float32), torch.device("cpu")))
     assert launch.kv_descriptors(fp32, 64) is None
     d80 = _contiguous_poisoned(build(dataclasses.replace(spec, head_dim=80), torch.device("cpu")))

@@ -60,6 +60,8 @@ ATTENTION_VARIANTS: dict[str, dict[str, Any]] = {
                                      GATHER_PAGE=16, LATE_SUM=True, TABLE_ALIGNED=True),
     # launch.kv_descriptors (FLASHDECODE_TMA=1): K/V tiles of a contiguous cache through TMA.
     "decode-tma": dict(SINGLE_PAGE=True, LATE_SUM=True, TMA_KV=True),
+    "decode-late-sum-in-page": dict(LATE_SUM=True),  # pages of whole tiles, pointer loads
+    "decode-tma-in-page": dict(LATE_SUM=True, TMA_KV=True),
     "decode-tma-d64": dict(HEAD_DIM=64, HEAD_DIM_P2=64, BLOCK_N=128, GROUP=3, SPLIT=False, SINGLE_PAGE=True,
                            LATE_SUM=True, TMA_KV=True),
     "decode-tma-mqa-batch-1": dict(BLOCK_M=32, GROUP=32, num_kv_heads=1, SINGLE_PAGE=True, num_pages=1, max_pages=1,

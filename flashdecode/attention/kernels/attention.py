@@ -17,8 +17,9 @@ tile (``GATHER_PAGE``, e.g. 16) takes the tile's few entries as one small vector
 for its page's slots and uses a constant in-page slot per row; any other page size looks up each
 slot (a division by the runtime page size per slot). A table of one page per sequence (every
 contiguous cache: ``SINGLE_PAGE``) reads its one entry without waiting for the cache lengths. All
-read the same addresses. With ``TMA_KV`` (off by default, `launch.kv_descriptors`) the tiles of
-a contiguous cache come through tensor descriptors (TMA on Hopper) instead of pointers.
+read the same addresses. With ``TMA_KV`` (off by default, `launch.kv_descriptors`) the unmasked
+tiles of a contiguous cache, or of pages that hold whole tiles, come through tensor descriptors
+(TMA on Hopper) instead of pointers.
 
 Fused append (``APPEND``, a few new keys per sequence): the kernel also writes the new keys and
 values into the cache, and reads them from the new-key tensors as one extra tile (see the kernel's
@@ -140,8 +141,8 @@ def attention_split_kernel(
     ``LATE_SUM`` (the launcher's `late_row_sum`): the key loop keeps the softmax denominators per
     key column and sums them once after the loop (see `attend`).
 
-    ``TMA_KV`` (the launcher's `kv_descriptors`; one page per sequence): cache tiles are read
-    through the tensor descriptors ``K_DESC``/``V_DESC`` (Hopper's TMA) instead of per-thread
+    ``TMA_KV`` (the launcher's `kv_descriptors`; one page per sequence, or pages that hold whole
+    tiles): unmasked cache tiles are read through the tensor descriptors ``K_DESC``/``V_DESC`` (Hopper's TMA) instead of per-thread
     pointers; otherwise those two arguments are unused.
 
     ``USE_PDL`` (a launch with programmatic dependent launch): wait for the previous kernel before
@@ -298,12 +299,12 @@ def attention_split_kernel(
         else:
             lo, hi = full_hi, s_hi
         page = page_ids(
-            BT_ROW, lo, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE, SINGLE_PAGE, TABLE_ALIGNED,
+            BT_ROW, lo, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE, SINGLE_PAGE, TABLE_ALIGNED, TMA_KV,
         )
         for start in range(lo, hi, BLOCK_N):
             page_next = page_ids(
                 BT_ROW, start + BLOCK_N, max_pages, page_size, BLOCK_N, TILE_IN_PAGE, GATHER_PAGE, SINGLE_PAGE,
-                TABLE_ALIGNED,
+                TABLE_ALIGNED, TMA_KV,
             )
             acc, l_i, m_i = key_tile(
                 acc, l_i, m_i, q, start, page, K_BASE, V_BASE, num_pages, page_size,

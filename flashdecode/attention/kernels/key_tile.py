@@ -16,10 +16,11 @@ from flashdecode.attention.kernels.rounding import cast_to
 @triton.jit
 def page_ids(
     BT_ROW, start, max_pages, page_size, BLOCK_N: tl.constexpr, TILE_IN_PAGE: tl.constexpr, GATHER_PAGE: tl.constexpr,
-    SINGLE_PAGE: tl.constexpr, TABLE_ALIGNED: tl.constexpr = False,
+    SINGLE_PAGE: tl.constexpr, TABLE_ALIGNED: tl.constexpr = False, TILE_PAGE_SCALAR: tl.constexpr = False,
 ):
     """Page id of each slot of the key tile at ``start`` (-1 past the block table, or any id of
-    the table for the slots of a tile past it with ``GATHER_PAGE``).
+    the table for the slots of a tile past it with ``GATHER_PAGE``). With ``TILE_IN_PAGE`` and
+    ``TILE_PAGE_SCALAR`` (the descriptor path of `key_tile`), the tile's one page id as a scalar.
 
     ``SINGLE_PAGE`` (a table of one page per sequence, as every contiguous cache has): the entry's
     address does not depend on ``start``, so its load needs no earlier load (the cache lengths) and
@@ -58,7 +59,8 @@ def page_ids(
     elif TILE_IN_PAGE:  # one page for the whole tile: one lookup, repeated for every slot
         pidx = start // page_size
         page = tl.load(BT_ROW + pidx, mask=pidx < max_pages, other=-1)
-        page = page + tl.zeros([BLOCK_N], dtype=tl.int32)
+        if not TILE_PAGE_SCALAR:
+            page = page + tl.zeros([BLOCK_N], dtype=tl.int32)
     else:
         pidx = (start + tl.arange(0, BLOCK_N)) // page_size
         page = tl.load(BT_ROW + pidx, mask=pidx < max_pages, other=-1)
@@ -101,8 +103,10 @@ def pointer_tile(
 ):
     """(k, v, key_ok) of the key tile at ``start`` through per-thread pointers: ``page`` holds each
     slot's page id (`page_ids`); a masked tile loads zeros for the slots outside
-    ``[kv_lo, kv_hi)`` or on a page outside the pool."""
+    ``[kv_lo, kv_hi)`` or on a page outside the pool. ``page`` may be one scalar for the tile
+    (`page_ids` with ``TILE_PAGE_SCALAR``)."""
     offs_d = tl.arange(0, HEAD_DIM_P2)
+    page = page + tl.zeros([BLOCK_N], dtype=tl.int32)  # a scalar page id: one per slot
     # Per-row page arithmetic for every layout. (A variant with one 64-bit base per tile and 32-bit
     # row offsets for TILE_IN_PAGE, commit 6e33e80, had fewer instructions but more registers and
     # made the contiguous cache slower on an H200, run 15: B=8 L=8192 32/8 heads 96.5 us against
@@ -208,19 +212,24 @@ def key_tile(
     ``rel_row - t``. Unmasked tiles lie entirely inside every row's visible range, so they skip the
     score mask; only page-id validity guards their loads.
 
-    ``TMA_KV`` (one page per sequence; the launcher's `kv_descriptors`): an unmasked tile is read
-    through the tensor descriptors ``K_DESC``/``V_DESC`` of the cache viewed as (slots, heads x
-    dim), at row ``tma_row + start`` (``tma_row``: the sequence's page, clamped into the pool as
-    `pointer_tile` clamps it, times the page size) and column ``tma_col`` (the KV head's first channel), instead of
-    per-thread pointers. Masked tiles keep the pointer loads: their slots past the keys may hold
+    ``TMA_KV`` (one page per sequence, or pages that hold whole tiles; the launcher's
+    `kv_descriptors`): an unmasked tile is read through the tensor descriptors ``K_DESC``/``V_DESC``
+    of the pool viewed as (slots, heads x dim), at the row of its first slot (one page per
+    sequence: ``tma_row + start``, ``tma_row`` the sequence's page, clamped into the pool as
+    `pointer_tile` clamps it, times the page size) and column ``tma_col`` (the KV head's first
+    channel), instead of per-thread pointers. Masked tiles keep the pointer loads: their slots past the keys may hold
     anything, NaN included, which masked loads replace by zeros; zeroing the values of a
     descriptor load instead (0 * NaN is NaN in p @ v) took the kernel from 147 to 208 registers
     and from 70 to 86 KiB of shared memory (Triton 3.6, sm_90).
     """
     offs_n = start + tl.arange(0, BLOCK_N)
     if TMA_KV and not MASKED:
-        k = K_DESC.load([tma_row + start, tma_col])
-        v = V_DESC.load([tma_row + start, tma_col])
+        if SINGLE_PAGE:
+            row = tma_row + start
+        else:  # TILE_IN_PAGE: ``page`` is the tile's page id, a scalar; clamped as `pointer_tile` does
+            row = tl.minimum(page.to(tl.uint32), num_pages - 1).to(tl.int32) * page_size + start % page_size
+        k = K_DESC.load([row, tma_col])
+        v = V_DESC.load([row, tma_col])
         key_ok = offs_n >= 0  # unused: an unmasked tile has no key mask
     else:
         k, v, key_ok = pointer_tile(

@@ -459,7 +459,8 @@ def test_aligned_table_knob_is_on_by_default_and_checked(monkeypatch):
 
 # ---- K/V tiles through tensor descriptors (TMA_KV, FLASHDECODE_TMA=1) --------------------------
 
-# Contiguous caches the descriptor path takes: 16-bit, power-of-two head dims, one page per sequence.
+# Caches the descriptor path takes: 16-bit, power-of-two head dims, one page per sequence or pages
+# of whole key tiles.
 TMA_SPECS = [
     # Decode with the append fused (new key rotated), GQA 4:1, some sequences short of a tile.
     Spec("tma-decode-gqa-append-rot", q_lens=(1, 1, 1), cache_lens=(7, 0, 150), new_lens=(1, 1, 1), heads=8,
@@ -516,9 +517,11 @@ def test_tma_tiles_match_brute_force(spec, device, monkeypatch):
     monkeypatch.setenv("FLASHDECODE_TMA", "1")
     p = _contiguous_poisoned(build(spec, device, seed=11))
     want_out, want_lse, _, _ = brute_force(p)
+    # A GPU without TMA (before compute capability 9.0) takes the pointer path.
+    tma = device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
     for n in spec.splits:
         out, lse, _, _ = run_triton(p, n)
-        assert spy.calls[-1]["TMA_KV"] is True
+        assert spy.calls[-1]["TMA_KV"] is tma
         assert_close_attention(out, lse, want_out, want_lse, spec.dtype, f"{spec.name} splits={n}")
 
 

@@ -142,8 +142,8 @@ def attention_split_kernel(
     key column and sums them once after the loop (see `attend`).
 
     ``TMA_KV`` (the launcher's `kv_descriptors`; one page per sequence, or pages that hold whole
-    tiles): unmasked cache tiles are read through the tensor descriptors ``K_DESC``/``V_DESC`` (Hopper's TMA) instead of per-thread
-    pointers; otherwise those two arguments are unused.
+    tiles): unmasked cache tiles are read through the tensor descriptors ``K_DESC``/``V_DESC``
+    (Hopper's TMA) instead of per-thread pointers; otherwise those two arguments are unused.
 
     ``USE_PDL`` (a launch with programmatic dependent launch): wait for the previous kernel before
     the first load; let the next kernel launch once the key loop is done, so that its launch

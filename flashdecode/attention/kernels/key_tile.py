@@ -217,10 +217,10 @@ def key_tile(
     of the pool viewed as (slots, heads x dim), at the row of its first slot (one page per
     sequence: ``tma_row + start``, ``tma_row`` the sequence's page, clamped into the pool as
     `pointer_tile` clamps it, times the page size) and column ``tma_col`` (the KV head's first
-    channel), instead of per-thread pointers. Masked tiles keep the pointer loads: their slots past the keys may hold
-    anything, NaN included, which masked loads replace by zeros; zeroing the values of a
-    descriptor load instead (0 * NaN is NaN in p @ v) took the kernel from 147 to 208 registers
-    and from 70 to 86 KiB of shared memory (Triton 3.6, sm_90).
+    channel), instead of per-thread pointers. Masked tiles keep the pointer loads: their slots
+    past the keys may hold anything, NaN included, which masked loads replace by zeros; zeroing
+    the values of a descriptor load instead (0 * NaN is NaN in p @ v) took the kernel from 147 to
+    208 registers and from 70 to 86 KiB of shared memory (Triton 3.6, sm_90).
     """
     offs_n = start + tl.arange(0, BLOCK_N)
     if TMA_KV and not MASKED:

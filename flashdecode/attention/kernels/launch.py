@@ -149,8 +149,9 @@ def kv_descriptors(p: PackedProblem, block_n: int) -> tuple[object, object] | No
     The path applies where one descriptor per cache covers every tile: one page per sequence
     (every contiguous cache) or pages that hold whole tiles (a multiple of ``block_n`` slots), a
     contiguous 16-bit pool, a power-of-two head dim (no channel mask), fewer than 2**31 slots
-    (TMA coordinates are int32), and a GPU with TMA (compute capability 9.0+) or the interpreter. The pool is viewed as (pages x page size, heads x dim) and a tile is
-    the block (``block_n``, dim) at the row of its first slot and the head's column.
+    (TMA coordinates are int32), and a GPU with TMA (compute capability 9.0+) or the interpreter.
+    The pool is viewed as (pages x page size, heads x dim) and a tile is the block (``block_n``,
+    dim) at the row of its first slot and the head's column.
     """
     if not env_flag(TMA_ENV, "0"):
         return None

@@ -13,6 +13,9 @@ spans several L2 sizes, and are timed with the benchmark's graph timer, so figur
 the programs per SM they allow. GPU only.
 
 Usage: python scripts/sweep_splits.py [--shapes decode append] [--paged] [--budget 300] [--out sweep.json]
+       [--block-n 64 128] [--warps 4] [--stages 2 3 4] [--top-splits 1]
+
+The launcher's knobs apply as in the benchmark, e.g. ``FLASHDECODE_TMA=1`` sweeps the TMA path.
 """
 
 from __future__ import annotations
@@ -78,7 +81,8 @@ def cudnn_us(built_states) -> float | None:
         return None
 
 
-def sweep(shape: shapes.Shape, paged: bool, splits_list, deadline: float, sms: int, l2: int) -> list[dict]:
+def sweep(shape: shapes.Shape, paged: bool, splits_list, deadline: float, sms: int, l2: int,
+          variants: argparse.Namespace) -> list[dict]:
     copies = timing.copies_needed(shape.kv_bytes(), l2)
     problems = peers.make_problems(shape, "cuda", copies=copies)
     impls = [peers.FlashdecodePaged() if paged else peers.FlashdecodeContiguous()]
@@ -126,9 +130,9 @@ def sweep(shape: shapes.Shape, paged: bool, splits_list, deadline: float, sms: i
         line = " ".join(f"s{s}:{us:.1f}" for s, us in sorted(by_split.items()))
         print(f"{label}: splits sweep (bn={base.block_n} w={base.num_warps} st={base.num_stages}), us: {line}",
               flush=True)
-        best_splits = sorted(by_split, key=by_split.get)[:2]
-        block_ns = (16, 32, 64) if shape.head_dim > 128 else (32, 64, 128)
-        for bn, warps, stages, s in itertools.product(block_ns, (4, 8), (2, 3, 4), best_splits):
+        best_splits = sorted(by_split, key=by_split.get)[:variants.top_splits]
+        block_ns = variants.block_n or ((16, 32, 64) if shape.head_dim > 128 else (32, 64, 128))
+        for bn, warps, stages, s in itertools.product(block_ns, variants.warps, variants.stages, best_splits):
             if time.time() > deadline:
                 break
             if (bn, warps, stages) == (base.block_n, base.num_warps, base.num_stages):
@@ -173,6 +177,11 @@ def main() -> int:
     ap.add_argument("--paged", action="store_true", help="also sweep the paged (page 16) cache")
     ap.add_argument("--budget", type=float, default=300.0, help="seconds for the whole sweep")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--block-n", type=int, nargs="*", default=None,
+                    help="key tile sizes of the variants (default 32 64 128; 16 32 64 for D > 128)")
+    ap.add_argument("--warps", type=int, nargs="*", default=[4, 8])
+    ap.add_argument("--stages", type=int, nargs="*", default=[2, 3, 4])
+    ap.add_argument("--top-splits", type=int, default=2, help="tile variants run at this many best split counts")
     args = ap.parse_args()
     selected = [s for s in shapes.select(shapes.full_grid(), args.shapes) if s.kind in ("decode", "append")]
     sms = launch.num_sms(torch.device("cuda"))
@@ -187,7 +196,7 @@ def main() -> int:
             print("budget spent; stopping", flush=True)
             break
         deadline = time.time() + left / (len(jobs) - i)
-        rows.extend(sweep(shape, paged, args.splits, deadline, sms, l2))
+        rows.extend(sweep(shape, paged, args.splits, deadline, sms, l2, args))
         torch.cuda.empty_cache()
         if args.out:
             Path(args.out).write_text(json.dumps(rows, indent=1))

@@ -506,19 +506,20 @@ def _contiguous_poisoned(p: PackedProblem) -> PackedProblem:
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("knob", ["1", "0"], ids=["tma", "pointers"])
 @pytest.mark.parametrize("spec", TMA_SPECS, ids=lambda s: s.name)
-def test_tma_tiles_match_brute_force(spec, device, monkeypatch):
-    """With ``FLASHDECODE_TMA=1`` a contiguous 16-bit cache, or a pool of pages that hold whole key
-    tiles, is read through tensor descriptors (TMA_KV; on a GPU, Hopper's TMA), and every split
-    count equals the float64 brute force with NaN in every slot outside the keys."""
+def test_tma_tiles_match_brute_force(spec, knob, device, monkeypatch):
+    """A contiguous 16-bit cache, or a pool of pages that hold whole key tiles, is read through
+    tensor descriptors (TMA_KV; on a GPU, Hopper's TMA) unless ``FLASHDECODE_TMA=0``, and either
+    way every split count equals the float64 brute force with NaN in every slot outside the keys."""
     launch = _launch()
     spy = _KernelSpy(launch.attention_split_kernel)
     monkeypatch.setattr(launch, "attention_split_kernel", spy)
-    monkeypatch.setenv("FLASHDECODE_TMA", "1")
+    monkeypatch.setenv("FLASHDECODE_TMA", knob)
     p = _contiguous_poisoned(build(spec, device, seed=11))
     want_out, want_lse, _, _ = brute_force(p)
     # A GPU without TMA (before compute capability 9.0) takes the pointer path.
-    tma = device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+    tma = knob == "1" and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9)
     for n in spec.splits:
         out, lse, _, _ = run_triton(p, n)
         assert spy.calls[-1]["TMA_KV"] is tma
@@ -526,13 +527,14 @@ def test_tma_tiles_match_brute_force(spec, device, monkeypatch):
 
 
 def test_tma_knob_and_eligibility(monkeypatch):
-    """Off by default; on, only where one descriptor per cache covers every tile."""
+    """On by default (``FLASHDECODE_TMA=0`` turns it off), only where one descriptor per cache
+    covers every tile."""
     launch = _launch()
     spec = TMA_SPECS[0]
     p = _contiguous_poisoned(build(spec, torch.device("cpu")))
-    monkeypatch.delenv("FLASHDECODE_TMA", raising=False)
+    monkeypatch.setenv("FLASHDECODE_TMA", "0")
     assert launch.kv_descriptors(p, 64) is None
-    monkeypatch.setenv("FLASHDECODE_TMA", "1")
+    monkeypatch.delenv("FLASHDECODE_TMA", raising=False)
     if os.environ.get("TRITON_INTERPRET") == "1":
         assert launch.kv_descriptors(p, 64) is not None
     strided = build(spec, torch.device("cpu"))  # pools are views of wider rows

@@ -17,7 +17,7 @@ tile (``GATHER_PAGE``, e.g. 16) takes the tile's few entries as one small vector
 for its page's slots and uses a constant in-page slot per row; any other page size looks up each
 slot (a division by the runtime page size per slot). A table of one page per sequence (every
 contiguous cache: ``SINGLE_PAGE``) reads its one entry without waiting for the cache lengths. All
-read the same addresses. With ``TMA_KV`` (off by default, `launch.kv_descriptors`) the unmasked
+read the same addresses. With ``TMA_KV`` (`launch.kv_descriptors`) the unmasked
 tiles of a contiguous cache, or of pages that hold whole tiles, come through tensor descriptors
 (TMA on Hopper) instead of pointers.
 

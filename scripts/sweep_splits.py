@@ -91,19 +91,22 @@ def sweep(shape: shapes.Shape, paged: bool, splits_list, deadline: float, sms: i
     rows = []
     base = heuristics.choose_tiles(shape.head_dim, shape.elem_bytes, shape.seqlen_q * shape.group)
     n_tiles = heuristics.cdiv(shape.seqlen, base.block_n)
-    original = heuristics.choose_tiles
+    original, deepen = heuristics.choose_tiles, heuristics.deepen_lone_programs
     for impl in impls:
         fused_append = shape.kind == "append" and impl.name != "flashdecode-noappend"
         h_splits = heuristics.choose_num_splits(
             0, shape.batch, shape.heads_kv, 1, shape.seqlen, base.block_n, sms,
             resident_per_sm=heuristics.FUSED_APPEND_RESIDENT_PROGRAMS_PER_SM if fused_append
             else heuristics.RESIDENT_PROGRAMS_PER_SM,
+            fill_per_sm=heuristics.TARGET_PROGRAMS_PER_SM if paged else heuristics.CONTIGUOUS_PROGRAMS_PER_SM,
         )
         built = impl.build(problems)[0]
         label = f"{shape.name} {impl.name}"
 
         def run(cfg: heuristics.TileConfig, splits: int) -> float | None:
+            # The launcher runs `cfg` as it is: no deeper pipeline for lone programs on top.
             heuristics.choose_tiles = lambda *a, _cfg=cfg: _cfg
+            heuristics.deepen_lone_programs = lambda cfg, *a: cfg
             fn = built.fn
 
             def call(p, _s=splits):
@@ -115,6 +118,7 @@ def sweep(shape: shapes.Shape, paged: bool, splits_list, deadline: float, sms: i
                 return None
             finally:
                 heuristics.choose_tiles = original
+                heuristics.deepen_lone_programs = deepen
 
         by_split = {}
         for s in sorted({*(x for x in splits_list if x <= n_tiles), h_splits}):

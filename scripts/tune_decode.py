@@ -205,12 +205,13 @@ def sweep_shape(args, inputs, shape, paged, layout, original, sms, results) -> t
     b, l, hq, hk, d = shape
     kv_bytes = 2 * b * l * hk * d * 2
     base = original(d, 2, hq // hk)
-    base_splits = heuristics.choose_num_splits(0, b, hk, 1, l, base.block_n, sms)
+    fill = heuristics.TARGET_PROGRAMS_PER_SM if paged else heuristics.CONTIGUOUS_PROGRAMS_PER_SM
+    base_splits = heuristics.choose_num_splits(0, b, hk, 1, l, base.block_n, sms, fill_per_sm=fill)
     block_ns = [16, 32, 64] if d > 128 else [32, 64, 128]
     variants = []
     for bn, warps, stages in itertools.product(block_ns, (4, 8), (2, 3, 4)):
         n_tiles = heuristics.cdiv(l, bn)
-        wanted = heuristics.choose_num_splits(0, b, hk, 1, l, bn, sms)
+        wanted = heuristics.choose_num_splits(0, b, hk, 1, l, bn, sms, fill_per_sm=fill)
         for splits in sorted({wanted, max(1, wanted // 2), min(n_tiles, wanted * 2)}):
             variants.append((bn, warps, stages, splits))
     if args.quick:
@@ -229,6 +230,7 @@ def sweep_shape(args, inputs, shape, paged, layout, original, sms, results) -> t
     for bn, warps, stages, splits in variants:
         cfg = heuristics.TileConfig(block_m=base.block_m, block_n=bn, num_warps=warps, num_stages=stages)
         heuristics.choose_tiles = lambda *a, _cfg=cfg: _cfg
+        deepen, heuristics.deepen_lone_programs = heuristics.deepen_lone_programs, lambda cfg, *a: cfg  # cfg as is
         try:
             us = time_graph(lambda: flash_attn_with_kvcache(**inputs, num_splits=splits))
         except Exception as exc:  # out of shared memory, etc.
@@ -236,6 +238,7 @@ def sweep_shape(args, inputs, shape, paged, layout, original, sms, results) -> t
             continue
         finally:
             heuristics.choose_tiles = original
+            heuristics.deepen_lone_programs = deepen
         row = record(bn, warps, stages, splits, us)
         if (bn, warps, stages, splits) == (base.block_n, base.num_warps, base.num_stages, base_splits):
             base_us = us

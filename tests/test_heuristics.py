@@ -84,6 +84,36 @@ def test_small_grids_split_up_to_the_target_programs_per_sm(batch, hk, keys, blo
     assert hz.choose_num_splits(0, batch, hk, 1, keys, block_n, H100_SMS) == want
 
 
+@pytest.mark.parametrize("batch, hk, keys, block_n, want", [
+    (1, 8, 32768, 64, 16),  # 8 programs -> 128
+    (8, 8, 8192, 64, 2),  # 64 -> 128
+    (32, 1, 8192, 64, 4),  # MQA: 32 -> 128
+    (1, 8, 131072, 64, 16),
+    (16, 8, 8192, 32, 1),  # D=256: 128 programs already
+    (1, 8, 4096, 64, 16),  # 64 tiles, 4 per split
+    (64, 3, 2048, 128, 1),  # 192 programs: past one per SM, short of two
+    (1, 1, 4096, 64, 32),  # MIN_TILES_PER_SPLIT caps it (64 tiles)
+])
+def test_contiguous_small_grids_fill_the_sms_once(batch, hk, keys, block_n, want):
+    got = hz.choose_num_splits(0, batch, hk, 1, keys, block_n, H100_SMS, fill_per_sm=hz.CONTIGUOUS_PROGRAMS_PER_SM)
+    assert got == want
+    assert batch * hk * got <= max(H100_SMS, batch * hk)
+
+
+def test_lone_programs_get_a_deeper_pipeline():
+    cfg = hz.TileConfig(block_m=16, block_n=64, num_warps=4, num_stages=3)
+    deeper = hz.deepen_lone_programs(cfg, 128, H100_SMS, 32768, 16, 128, 2)  # 32 tiles per split
+    assert deeper == hz.TileConfig(block_m=16, block_n=64, num_warps=4, num_stages=hz.LONE_PROGRAM_STAGES)
+    assert hz.deepen_lone_programs(cfg, 133, H100_SMS, 32768, 16, 128, 2) == cfg  # two programs on some SM
+    assert hz.deepen_lone_programs(cfg, 128, H100_SMS, 4096, 16, 128, 2) == cfg  # 4 tiles per split
+    assert hz.deepen_lone_programs(cfg, 128, H100_SMS, 512 * 64 - 1, 64, 128, 2) == deeper  # 8 tiles per split
+    assert hz.deepen_lone_programs(cfg, 128, H100_SMS, 448 * 64, 64, 128, 2) == cfg  # 7
+    # 4 stages of fp32 128-key tiles at D=128 would need 512 KiB: kept at 3.
+    wide = hz.TileConfig(block_m=16, block_n=128, num_warps=4, num_stages=3)
+    assert hz.deepen_lone_programs(wide, 1, H100_SMS, 1 << 20, 1, 128, 4) == wide
+    assert hz.tile_smem_bytes(deeper, 128, 2) == (16 + 4 * 2 * 64) * 128 * 2 <= hz.SMEM_BUDGET_BYTES
+
+
 def test_one_uneven_wave_is_split_into_several():
     # 512 programs (16 x 32 heads, or 64 x 8) fit the SMs at 4 per SM in one uneven wave: split into ~3 waves.
     assert hz.choose_num_splits(0, 16, 32, 1, 4096, 64, H100_SMS) == 4

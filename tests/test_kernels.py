@@ -470,7 +470,7 @@ TMA_SPECS = [
     Spec("tma-spec-leftpad-window", q_lens=(3, 2), cache_lens=(190, 133), new_lens=(3, 2), heads=4, kv_heads=1,
          head_dim=32, dtype=torch.float16, page_size=256, contiguous=True, leftpad=(5, 70), alibi=True,
          window=(90, 1), softcap=4.0),
-    # Prefill (append kernel first, 128-row query tiles), causal.
+    # Prefill (append kernel first, 128-row query tiles), causal: pointer loads, TMA is for decode tiles.
     Spec("tma-prefill-causal", q_lens=(150, 9), cache_lens=(40, 0), new_lens=(150, 9), heads=2, kv_heads=1,
          head_dim=16, dtype=torch.bfloat16, page_size=256, contiguous=True, causal=True, splits=(1, 3)),
     # Paged, pages of two 64-key tiles (D=128): each tile finds its page, sequences cross pages.
@@ -518,11 +518,12 @@ def test_tma_tiles_match_brute_force(spec, knob, device, monkeypatch):
     monkeypatch.setenv("FLASHDECODE_TMA", knob)
     p = _contiguous_poisoned(build(spec, device, seed=11))
     want_out, want_lse, _, _ = brute_force(p)
-    # A GPU without TMA (before compute capability 9.0) takes the pointer path.
+    # A GPU without TMA (before compute capability 9.0) takes the pointer path, and so do prefill tiles.
     tma = knob == "1" and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9)
     for n in spec.splits:
         out, lse, _, _ = run_triton(p, n)
-        assert spy.calls[-1]["TMA_KV"] is tma
+        call = spy.calls[-1]
+        assert call["TMA_KV"] is (tma and call["BLOCK_M"] * call["BLOCK_N"] <= launch.DECODE_TILE_MAX_ELEMENTS)
         assert_close_attention(out, lse, want_out, want_lse, spec.dtype, f"{spec.name} splits={n}")
 
 
@@ -553,6 +554,49 @@ def test_tma_knob_and_eligibility(monkeypatch):
     monkeypatch.setenv("FLASHDECODE_TMA", "yes")
     with pytest.raises(ValueError, match="FLASHDECODE_TMA"):
         launch.kv_descriptors(p, 64)
+
+
+def _planned(monkeypatch, batch, heads, kv_heads, keys, page_size=None, q_len=1, head_dim=128):
+    """`launch._plan` of a bf16 problem of these shapes on a 132-SM GPU (meta tensors: shapes only)."""
+    import types
+
+    launch = _launch()
+    monkeypatch.setattr(launch, "num_sms", lambda device: 132)
+    page = page_size or keys
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    p = types.SimpleNamespace(
+        q=torch.empty(batch * q_len, heads, head_dim, **meta),
+        k_pages=torch.empty(batch * keys // page, page, kv_heads, head_dim, **meta),
+        block_table=torch.empty(batch, keys // page, dtype=torch.int32, device="meta"),
+        max_seqlen_q=q_len, batch=batch, page_size=page, num_splits=0,
+    )
+    return launch._plan(p)
+
+
+@pytest.mark.parametrize("batch, heads, kv_heads, keys, head_dim, contiguous, paged", [
+    # (splits, stages) of a contiguous cache, then of pages of 16 slots
+    (1, 32, 8, 32768, 128, (16, 4), (32, 3)),
+    (8, 32, 8, 8192, 128, (2, 4), (4, 3)),
+    (32, 32, 1, 8192, 128, (4, 4), (8, 3)),
+    (16, 16, 8, 8192, 256, (1, 4), (2, 3)),
+    (1, 32, 8, 4096, 128, (16, 3), (32, 2)),  # 4 tiles per contiguous split: 3 stages
+    (64, 9, 3, 2048, 64, (1, 3), (1, 3)),  # 192 programs: two on some SMs
+    (1, 8, 1, 1 << 20, 128, (128, 4), (128, 3)),  # MAX_SPLITS: one program per SM for the paged cache too
+])
+def test_contiguous_decode_grids_fill_the_sms_once(monkeypatch, batch, heads, kv_heads, keys, head_dim,
+                                                   contiguous, paged):
+    """A contiguous cache's small decode grid gets one program per SM, with a deeper pipeline
+    when its splits are long; a paged cache keeps two per SM and the tiles' stages."""
+    cfg, _, splits = _planned(monkeypatch, batch, heads, kv_heads, keys, head_dim=head_dim)
+    assert (splits, cfg.num_stages) == contiguous
+    cfg, _, splits = _planned(monkeypatch, batch, heads, kv_heads, keys, page_size=16, head_dim=head_dim)
+    assert (splits, cfg.num_stages) == paged
+
+
+def test_prefill_grids_keep_the_target_programs_per_sm(monkeypatch):
+    cfg, m_tiles, splits = _planned(monkeypatch, 1, 8, 8, 16384, q_len=128)
+    assert cfg.block_m == 128 and m_tiles == 1 and splits == 32  # 8 programs -> 256 (two per SM), not 128
+    assert cfg.num_stages == 3
 
 
 def test_late_row_sum_knob_is_checked(monkeypatch):

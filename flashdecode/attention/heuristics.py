@@ -38,6 +38,23 @@ TARGET_PROGRAMS_PER_SM = 2
 # BALANCED_WAVES waves. Past 4 per SM, 1024 programs of 2048 keys (2.6 waves of 3) were no faster
 # at 2 splits (263.9 against 264.4 us).
 RESIDENT_PROGRAMS_PER_SM = 4
+# A contiguous cache's small grid fills the SMs once, not TARGET_PROGRAMS_PER_SM times: its key
+# tiles need no block-table read before their loads, and since the TMA path and the late row sum
+# one program per SM kept as many loads in flight as two. On an H200 (2026-11-28, decode, same
+# run, two rounds; run 51) B=1 L=32768 took 37.1 us at 16 splits (128 programs) against 37.8 at
+# 32, B=8 L=8192 66.8 at 2 splits against 67.3 at 4, B=1 L=4096 10.3 against 10.4; D=256
+# (16,8192, 16/8 heads) 247.6 at 1 split against 246.0 at 2 (but see LONE_PROGRAM_STAGES). The
+# paged cache (page 16) lost up to 8% there (8,8192 68.6 -> 72.3 us, MQA 45.1 -> 49.7): it keeps
+# the target. Run 50, another machine, agreed (1,32768 36.3 against 37.2 us).
+CONTIGUOUS_PROGRAMS_PER_SM = 1
+# Pipeline depth of a program that has its SM to itself (a contiguous decode grid of at most one
+# program per SM, above) and a split of at least LONE_PROGRAM_MIN_TILES key tiles: the shared
+# memory of a second program goes to more loads in flight. Run 51 (contiguous, one program per
+# SM, 3 -> 4 stages): MQA 43.0 -> 42.0 us, D=256 247.6 -> 241.5, B=1 L=131072 126.7 -> 125.2,
+# B=1 L=32768 37.1 -> 37.0, B=8 L=8192 66.8 -> 66.6; but B=1 L=4096, 4 tiles per split,
+# 10.3 -> 10.8 (the prologue loads are then the whole loop).
+LONE_PROGRAM_STAGES = 4
+LONE_PROGRAM_MIN_TILES = 8
 # The attention kernel with the fused append and rotary holds 247 registers per thread (Triton 3.6,
 # sm_90, contiguous cache; 230 with Triton 3.9): 2 programs per SM, so 512 programs are two even
 # waves, and 1 split was its fastest (258.9 us against 280.7 at 4, run 17). (Its paged variant
@@ -109,13 +126,19 @@ def choose_tiles(head_dim: int, elem_bytes: int, rows_per_seq: int) -> TileConfi
         num_stages = 4 if d <= 64 else 3 if d <= 128 else 2
 
     def smem(stages: int, bn: int) -> int:
-        return block_m * d * elem_bytes + stages * 2 * bn * d * elem_bytes
+        return tile_smem_bytes(TileConfig(block_m, bn, num_warps, stages), d, elem_bytes)
 
     while num_stages > 1 and smem(num_stages, block_n) > SMEM_BUDGET_BYTES:
         num_stages -= 1
     while block_n > 16 and smem(num_stages, block_n) > SMEM_BUDGET_BYTES:
         block_n //= 2
     return TileConfig(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+
+
+def tile_smem_bytes(cfg: TileConfig, padded_dim: int, elem_bytes: int) -> int:
+    """Shared memory of the query tile and ``num_stages`` K and V tiles (the estimate
+    `choose_tiles` keeps within ``SMEM_BUDGET_BYTES``)."""
+    return (cfg.block_m + cfg.num_stages * 2 * cfg.block_n) * padded_dim * elem_bytes
 
 
 def cap_stages(cfg: TileConfig, max_keys: int, splits: int) -> TileConfig:
@@ -129,6 +152,22 @@ def cap_stages(cfg: TileConfig, max_keys: int, splits: int) -> TileConfig:
     if stages == cfg.num_stages:
         return cfg
     return TileConfig(block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=stages)
+
+
+def deepen_lone_programs(cfg: TileConfig, programs: int, num_sms: int, max_keys: int, splits: int,
+                         head_dim: int, elem_bytes: int) -> TileConfig:
+    """``LONE_PROGRAM_STAGES`` pipeline stages where every program has an SM to itself
+    (``programs`` <= ``num_sms``), its split holds at least ``LONE_PROGRAM_MIN_TILES`` key tiles
+    and the stages fit ``SMEM_BUDGET_BYTES``; ``cfg`` otherwise. The launcher asks for contiguous
+    decode grids only, where it was measured."""
+    tiles_per_split = cdiv(cdiv(max(1, max_keys), cfg.block_n), max(1, splits))
+    if programs > num_sms or tiles_per_split < LONE_PROGRAM_MIN_TILES or cfg.num_stages >= LONE_PROGRAM_STAGES:
+        return cfg
+    deeper = TileConfig(block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps,
+                        num_stages=LONE_PROGRAM_STAGES)
+    if tile_smem_bytes(deeper, padded_head_dim(head_dim), elem_bytes) > SMEM_BUDGET_BYTES:
+        return cfg
+    return deeper
 
 
 # Gather mode of paged K/V: "row" looks up the block table once per key slot (any page size);
@@ -180,6 +219,7 @@ def choose_num_splits(
     num_sms: int,
     max_splits: int = MAX_SPLITS,
     resident_per_sm: int = RESIDENT_PROGRAMS_PER_SM,
+    fill_per_sm: int = TARGET_PROGRAMS_PER_SM,
 ) -> int:
     """How many programs share one sequence's keys (split-KV, "flash-decoding").
 
@@ -188,12 +228,15 @@ def choose_num_splits(
     key tiles (`non_empty_splits`).
     ``max_keys`` is the largest number of keys a sequence can have (the cache capacity in slots,
     or a known bound on the lengths); the result depends only on shapes and the SM count.
-    ``resident_per_sm`` is how many programs of the kernel one SM holds at once.
+    ``resident_per_sm`` is how many programs of the kernel one SM holds at once; ``fill_per_sm``
+    how many programs per SM a small grid is split into (``CONTIGUOUS_PROGRAMS_PER_SM`` for a
+    contiguous cache's decode grid).
 
     The heuristic, with P the programs of an unsplit grid and S the SMs (each split keeps at least
     ``MIN_TILES_PER_SPLIT`` key tiles):
 
-    * P < TARGET * S: the most splits that keep the grid within ``TARGET_PROGRAMS_PER_SM`` per SM;
+    * P < TARGET * S: the most splits that keep the grid within ``fill_per_sm`` programs per SM
+      (at least 1);
     * decode tiles, TARGET * S <= P <= resident * S (one uneven wave): about ``BALANCED_WAVES`` waves;
     * otherwise decode tiles split caches longer than ``LONG_SPLIT_KEYS`` (ragged batches), and
       prefill tiles are not split.
@@ -210,7 +253,7 @@ def choose_num_splits(
         return 1  # the CPU interpreter: no parallelism to gain
     most = max(1, min(max_splits, n_tiles // MIN_TILES_PER_SPLIT))
     if programs < TARGET_PROGRAMS_PER_SM * num_sms:
-        splits = (TARGET_PROGRAMS_PER_SM * num_sms) // programs
+        splits = max(1, (fill_per_sm * num_sms) // programs)
     elif num_m_tiles > 1:
         splits = 1
     elif programs <= resident_per_sm * num_sms:

@@ -69,7 +69,11 @@ ATTENTION_VARIANTS: dict[str, dict[str, Any]] = {
     "decode-tma-fused-append": dict(SINGLE_PAGE=True, LATE_SUM=True, TMA_KV=True, APPEND=True, ROTARY_DIM=128,
                                     ROTARY_INTERLEAVED=False),
     "decode-tma-d256": dict(HEAD_DIM=256, HEAD_DIM_P2=256, BLOCK_N=32, SINGLE_PAGE=True, TMA_KV=True),
-    "prefill-tma": dict(BLOCK_M=128, BLOCK_N=64, SPLIT=False, num_warps=8, SINGLE_PAGE=True, TMA_KV=True),
+    # heuristics.deepen_lone_programs: one program per SM, 4 stages.
+    "decode-tma-lone-mqa": dict(BLOCK_M=32, GROUP=32, num_kv_heads=1, SINGLE_PAGE=True, LATE_SUM=True, TMA_KV=True,
+                                num_stages=4),
+    "decode-tma-lone-d256": dict(HEAD_DIM=256, HEAD_DIM_P2=256, BLOCK_N=32, SPLIT=False, SINGLE_PAGE=True,
+                                 LATE_SUM=True, TMA_KV=True, num_stages=4),
     "decode-d256-fp16": dict(dtype="fp16", HEAD_DIM=256, HEAD_DIM_P2=256, BLOCK_N=32, num_stages=3),
     "decode-d256-fused-append": dict(HEAD_DIM=256, HEAD_DIM_P2=256, BLOCK_N=32, num_stages=3, APPEND=True,
                                      ROTARY_DIM=256, ROTARY_INTERLEAVED=False),

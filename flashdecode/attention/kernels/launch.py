@@ -77,11 +77,19 @@ def _plan(p: PackedProblem, append: bool = False) -> tuple[heuristics.TileConfig
     n_m_tiles = heuristics.num_query_tiles(p.max_seqlen_q, group, cfg.block_m)
     capacity = p.block_table.shape[1] * p.page_size
     resident = heuristics.FUSED_APPEND_RESIDENT_PROGRAMS_PER_SM if append else heuristics.RESIDENT_PROGRAMS_PER_SM
+    # A contiguous cache (one page per sequence) fills the SMs once (see the heuristics' constants).
+    contiguous_decode = p.block_table.shape[1] == 1 and decode_sized(cfg)
+    fill = heuristics.CONTIGUOUS_PROGRAMS_PER_SM if contiguous_decode else heuristics.TARGET_PROGRAMS_PER_SM
+    sms = num_sms(p.q.device)
     splits = heuristics.choose_num_splits(
-        p.num_splits, p.batch, num_kv_heads, n_m_tiles, capacity, cfg.block_n, num_sms(p.q.device),
-        resident_per_sm=resident,
+        p.num_splits, p.batch, num_kv_heads, n_m_tiles, capacity, cfg.block_n, sms,
+        resident_per_sm=resident, fill_per_sm=fill,
     )
-    return heuristics.cap_stages(cfg, capacity, splits), n_m_tiles, splits
+    cfg = heuristics.cap_stages(cfg, capacity, splits)
+    if contiguous_decode and sms > 1:
+        cfg = heuristics.deepen_lone_programs(cfg, p.batch * num_kv_heads * n_m_tiles * splits, sms, capacity,
+                                              splits, head_dim, p.q.element_size())
+    return cfg, n_m_tiles, splits
 
 
 def env_flag(name: str, default: str) -> bool:
@@ -146,11 +154,14 @@ def kv_descriptors(p: PackedProblem, block_n: int) -> tuple[object, object] | No
     144 -> 182 registers, 2 programs per SM instead of 3. Masked tiles keep the pointer loads
     (see `key_tile`).
 
-    Timed on an H200 (2026-11-28, run 48, A/B in one call, two rounds): contiguous decode 0.0-1.0%
+    Timed on an H200 (2026-11-28, run 48, A/B in one call, two rounds): contiguous decode 0.0-1.1%
     faster on the eleven decode shapes (B=128 L=2048 250.4 -> 247.8 µs, 9/3 heads 29.4 -> 29.1,
     B=1 L=4096 10.5 -> 10.4), the append step unchanged; the tile sweep of run 49 found the same
     best tiles with it as without. Every test of tests/test_kernels.py and
-    tests/test_unchecked_values.py passed on the GPU with it.
+    tests/test_unchecked_values.py passed on the GPU with it (runs 48 and 50). The launcher asks
+    for it on decode tiles only (`decode_sized`): the causal prefill of the benchmark (B=4,
+    L=4096, contiguous) took 1413 µs with it in run 51, against 1325 without in run 44, while
+    the paged prefill stayed at 1441 against 1439.
 
     The path applies where one descriptor per cache covers every tile: one page per sequence
     (every contiguous cache) or pages that hold whole tiles (a multiple of ``block_n`` slots), a
@@ -299,7 +310,7 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bo
     pdl = attention_pdl(q.device)
     pdl_launch = {"launch_pdl": True} if pdl else {}
     gather = heuristics.gather_page(page_size, cfg.block_n, paged_gather_mode())
-    descs = kv_descriptors(p, cfg.block_n)
+    descs = kv_descriptors(p, cfg.block_n) if decode_sized(cfg) else None  # measured on decode tiles
     k_desc, v_desc = descs if descs is not None else (kc, vc)
     grid = (n_m_tiles * num_kv_heads, p.batch, splits)
     attention_split_kernel[grid](

@@ -15,7 +15,9 @@ the programs per SM they allow. GPU only.
 Usage: python scripts/sweep_splits.py [--shapes decode append] [--paged] [--budget 300] [--out sweep.json]
        [--block-n 64 128] [--warps 4] [--stages 2 3 4] [--top-splits 1]
 
-The launcher's knobs apply as in the benchmark, e.g. ``FLASHDECODE_TMA=1`` sweeps the TMA path.
+The launcher's knobs apply as in the benchmark, e.g. ``FLASHDECODE_TMA=0`` sweeps the pointer
+loads. Every row runs the tiles it names, also the heuristic's split count (without the extra
+pipeline stages of `heuristics.deepen_lone_programs`).
 """
 
 from __future__ import annotations

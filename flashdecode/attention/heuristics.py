@@ -25,6 +25,8 @@ SMEM_BUDGET_BYTES = 160 * 1024
 # at 4 splits (256 programs) against 79.7 at 5 (320); MQA B=32 L=8192 52.2 us at 8 splits against 61.2
 # at 9 (288); B=16 L=8192 16/8 heads D=256 at 2 splits (256) against 3 (384, 1.25x slower). Past the
 # target a grid is one uneven wave of up to RESIDENT_PROGRAMS_PER_SM programs per SM, and it was slow.
+# Since run 51 this fills the paged cache's grids; contiguous decode grids fill the SMs once
+# (CONTIGUOUS_PROGRAMS_PER_SM).
 TARGET_PROGRAMS_PER_SM = 2
 # Upper end, in programs per SM, of the grids split into several waves (see `choose_num_splits`).
 # The name says what it was meant to be, the programs of the decode kernel one SM holds at once,
@@ -38,9 +40,9 @@ TARGET_PROGRAMS_PER_SM = 2
 # BALANCED_WAVES waves. Past 4 per SM, 1024 programs of 2048 keys (2.6 waves of 3) were no faster
 # at 2 splits (263.9 against 264.4 us).
 RESIDENT_PROGRAMS_PER_SM = 4
-# A contiguous cache's small grid fills the SMs once, not TARGET_PROGRAMS_PER_SM times: its key
-# tiles need no block-table read before their loads, and since the TMA path and the late row sum
-# one program per SM kept as many loads in flight as two. On an H200 (2026-11-28, decode, same
+# A contiguous cache's small decode grid fills the SMs once, not TARGET_PROGRAMS_PER_SM times: its
+# key tiles need no block-table read before their loads, and with the kernel as of run 51 (TMA
+# path, late row sum) one program per SM was as fast or faster. On an H200 (2026-11-28, decode, same
 # run, two rounds; run 51) B=1 L=32768 took 37.1 us at 16 splits (128 programs) against 37.8 at
 # 32, B=8 L=8192 66.8 at 2 splits against 67.3 at 4, B=1 L=4096 10.3 against 10.4; D=256
 # (16,8192, 16/8 heads) 247.6 at 1 split against 246.0 at 2 (but see LONE_PROGRAM_STAGES). The

@@ -70,7 +70,7 @@ def test_workload_data_is_deterministic_and_in_range():
 
 def test_warmup_requests_pass_through_every_graph_bucket():
     reqs = e2e.throughput_requests(e2e.FULL_WORKLOAD, 1000, seed=0)
-    prompts, outs = e2e._warmup_requests(reqs)
+    prompts, outs = e2e.runners._warmup_requests(reqs)
     running = [sum(1 for o in outs[:256] if o > s) for s in range(12)]
     for bucket in (256, 128, 64, 32, 16, 8, 4, 2, 1):
         assert bucket in running
@@ -172,7 +172,7 @@ def test_failing_implementation_is_reported_not_raised(tmp_path, monkeypatch):
             raise RuntimeError("static cache exploded")
         return real(model, batch, new_tokens, cache, device)
 
-    monkeypatch.setattr(e2e, "hf_generate", broken)
+    monkeypatch.setattr(e2e.runners, "hf_generate", broken)
     opts = _opts(tmp_path, impls=["hf-static", "hf-dynamic", "flashdecode-eager"], workloads=["batch1"])
     res = e2e.run(opts, log=_quiet, ceilings=CEIL)
     rows = {r["impl"]: r for r in res["rows"]}
@@ -186,7 +186,7 @@ def test_model_build_failure_marks_every_row(tmp_path, monkeypatch):
     def no_model(*a, **k):
         raise OSError("no memory for you")
 
-    monkeypatch.setattr(e2e, "build_hf_model", no_model)
+    monkeypatch.setattr(e2e.orchestrate, "build_hf_model", no_model)
     res = e2e.run(_opts(tmp_path), log=_quiet, ceilings=CEIL)
     assert all(r["status"] == "error" and "no memory for you" in r["reason"] for r in res["rows"])
 

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="merge results.json files of several runs (e.g. split across calls) into --out and print "
                         "the report; runs nothing")
-    e = p.add_argument_group("end-to-end benchmark (--e2e; see flashdecode/bench/e2e.py)")
+    e = p.add_argument_group("end-to-end benchmark (--e2e; see flashdecode/bench/e2e/)")
     e.add_argument("--e2e", action="store_true", help="run the end-to-end generation benchmark (engine vs "
                    "transformers generate()) instead of the kernel benchmark; writes e2e_results.json/.md, "
                    "e2e_table.txt to --out")

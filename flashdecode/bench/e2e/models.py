@@ -12,7 +12,6 @@ import torch
 from flashdecode.bench.e2e.roofline import kv_bytes_per_token, model_dims
 
 
-
 def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -24,7 +24,6 @@ from flashdecode.bench.e2e.runners import fd_batch1, fd_throughput, hf_batch1, h
 from flashdecode.bench.e2e.workloads import throughput_requests
 
 
-
 def base_row(model: str, workload: str, impl: str) -> dict[str, Any]:
     return {"model": model, "workload": workload, "impl": impl, "group": "ours" if impl in OURS else "peer",
             "status": "not run", "reason": None, "tokens_per_s": None, "total_s": None, "prefill_s": None,

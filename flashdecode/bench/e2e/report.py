@@ -15,7 +15,6 @@ from flashdecode.bench.e2e.config import (
 from flashdecode.bench.e2e.roofline import roofline_tokens_per_s
 
 
-
 def _ok(r: dict[str, Any]) -> bool:
     return r.get("status") == "ok" and bool(r.get("tokens_per_s"))
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 
-
-
 def model_dims(shape: dict[str, Any]) -> tuple[int, int, int, int, int, int, int]:
     h, heads = int(shape["hidden_size"]), int(shape["num_attention_heads"])
     d = int(shape.get("head_dim") or h // heads)

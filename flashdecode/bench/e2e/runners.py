@@ -15,7 +15,6 @@ from flashdecode.bench.e2e.models import free_memory, sync_device
 from flashdecode.bench.e2e.workloads import hf_batches, random_prompt
 
 
-
 def _greedy(n: int):
     from flashdecode.engine.sampling import SamplingParams  # noqa: PLC0415
 

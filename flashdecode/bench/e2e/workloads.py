@@ -8,7 +8,6 @@ import random
 from flashdecode.bench.e2e.config import Workload
 
 
-
 def random_prompt(rng: random.Random, length: int, vocab: int) -> list[int]:
     return [rng.randrange(3, vocab) for _ in range(length)]
 

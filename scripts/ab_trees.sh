@@ -16,8 +16,9 @@
 #
 # Each round runs `python -m flashdecode.bench` once per tree, with that tree first on PYTHONPATH;
 # rounds alternate the order (A B, then B A) so that drift of the card hits both. A table of the
-# best median µs per shape and implementation, per tree, is printed last. Results go to
-# $OUT/ab-trees/ (or bench_results/ab-trees/).
+# best median µs per shape and implementation, per tree, is printed last; a cell whose output
+# failed the benchmark's check against its fp32 reference in any round is marked "!" (and the
+# script exits 1). Results go to $OUT/ab-trees/ (or bench_results/ab-trees/).
 #
 # Variables: PYTHON (default python3), ROUNDS (default 2), BENCH_ARGS (default
 # "--shapes decode append --peers flashdecode flashdecode-paged flashdecode-noappend sdpa-cudnn --no-plot").
@@ -78,6 +79,7 @@ from pathlib import Path
 
 base, rounds, trees = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
 best = {}  # (shape, impl) -> {tree: us}
+wrong = set()  # (shape, impl, tree) whose output failed the benchmark's check in some round
 for tree in trees:
     name = "".join("_" if c in "/.:=," else c for c in tree)
     for r in range(1, rounds + 1):
@@ -91,11 +93,17 @@ for tree in trees:
             if row.get("status") == "ok" and row.get("us"):
                 cell = best.setdefault((row["shape"], row["impl"]), {})
                 cell[tree] = min(cell.get(tree, float("inf")), row["us"])
+                if row.get("correct") is False:
+                    wrong.add((row["shape"], row["impl"], tree))
 print()
 print("best median us over the rounds; ratio = last tree / first tree")
 print(f"{'shape':28s} {'impl':22s} " + " ".join(f"{t[-14:]:>14s}" for t in trees) + "   ratio")
 for (shape, impl), cell in best.items():
     us = [cell.get(t) for t in trees]
     ratio = f"{us[-1] / us[0]:.3f}" if us[0] and us[-1] else "-"
-    print(f"{shape:28s} {impl:22s} " + " ".join(f"{u:14.1f}" if u else f"{'-':>14s}" for u in us) + f"   {ratio}")
+    cells = [(f"{u:.1f}" + ("!" if (shape, impl, t) in wrong else "")) if u else "-" for t, u in zip(trees, us)]
+    print(f"{shape:28s} {impl:22s} " + " ".join(f"{c:>14s}" for c in cells) + f"   {ratio}")
+if wrong:
+    print(f"! = WRONG output in at least one round ({len(wrong)} cells): see that tree's log and results.json")
+    sys.exit(1)
 EOF

@@ -593,6 +593,31 @@ def test_contiguous_decode_grids_fill_the_sms_once(monkeypatch, batch, heads, kv
     assert (splits, cfg.num_stages) == paged
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("append", [False, True], ids=["decode", "fused-append"])
+def test_lone_program_pipeline_matches_brute_force(append, device, monkeypatch):
+    """The deepest pipeline the launcher asks for (one program per SM, 4 stages; on a GPU through
+    TMA) gives the float64 brute force's result: with 4 SMs pretended, 4 sequences of one KV head
+    run one program each over 10 key tiles."""
+    launch = _launch()
+    monkeypatch.setattr(launch, "num_sms", lambda device: 4)
+    spy = _KernelSpy(launch.attention_split_kernel)
+    monkeypatch.setattr(launch, "attention_split_kernel", spy)
+    spec = Spec("lone-programs", q_lens=(1, 1, 1, 1), cache_lens=(600, 639, 37, 333),
+                new_lens=(1, 1, 1, 1) if append else (0, 0, 0, 0), heads=4, kv_heads=1, head_dim=128,
+                dtype=torch.bfloat16, page_size=640, contiguous=True, rotary_frac=1.0 if append else 0.0,
+                causal=True)
+    p = _contiguous_poisoned(build(spec, device, seed=5))
+    want_out, want_lse, want_k, want_v = brute_force(p)
+    out, lse, k, v = run_triton(p, 0)
+    call = spy.calls[-1]
+    assert (call["num_stages"], call["SPLIT"], call["APPEND"]) == (launch.heuristics.LONE_PROGRAM_STAGES, False, append)
+    assert_close_attention(out, lse, want_out, want_lse, spec.dtype, "lone programs")
+    # The cache after the append: v bit-exact, k the rotated key rounded once (NaN where poisoned).
+    torch.testing.assert_close(v.cpu().double(), want_v, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(k.cpu().double(), want_k, rtol=1.6e-2, atol=1.6e-2, equal_nan=True)
+
+
 def test_prefill_grids_keep_the_target_programs_per_sm(monkeypatch):
     cfg, m_tiles, splits = _planned(monkeypatch, 1, 8, 8, 16384, q_len=128)
     assert cfg.block_m == 128 and m_tiles == 1 and splits == 32  # 8 programs -> 256 (two per SM), not 128

@@ -11,7 +11,8 @@ very same weights on the same card in the same process.
 Workloads (``Workload``):
 
 * ``batch1``: one request, prompt 512 tokens, 256 new tokens, greedy, EOS ignored. Prefill time
-  is measured separately (``max_tokens=1``), so ``decode tok/s = (new - 1) / (total - prefill)``;
+  is measured separately (``max_tokens=1``), so ``decode tok/s = (new - 1) / (total - prefill)``,
+  each time the fastest of its runs;
   its share of the roofline is ``decode tok/s * bytes read per step / measured read bandwidth``,
   with bytes per step = every weight read once (lm_head included, one embedding row) + the K/V of
   the average context (prompt + new/2).

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -67,13 +66,16 @@ def fd_batch1(llm, wl: Workload, vocab: int, seed: int, repeats: int, device: to
             first = list(out[0].token_ids[:32])
         totals.append(s)
         log(f"      run {r + 1}: {s:.3f} s")
-    res = _batch1_figures(N, statistics.median(prefill), min(totals), totals)
+    res = _batch1_figures(N, min(prefill), min(totals), totals)
     res["first_tokens"] = first
     res["engine_stats"] = _delta(_stats(llm), before)
     return res
 
 
 def _batch1_figures(new_tokens: int, prefill_s: float, total_s: float, totals: list[float]) -> dict[str, Any]:
+    """Figures of a batch-1 run from its fastest prefill and fastest whole run: the same estimator
+    for both, so that noise in one (a slow prefill sample on a busy CPU) cannot make the decode
+    time ``total_s - prefill_s`` negative."""
     decode_s = total_s - prefill_s
     return {
         "total_s": total_s,
@@ -181,7 +183,7 @@ def hf_batch1(model, cache: str, wl: Workload, vocab: int, seed: int, repeats: i
             first = out[0, :32].tolist()
         totals.append(s)
         log(f"      run {r + 1}: {s:.3f} s")
-    res = _batch1_figures(N, statistics.median(prefill), min(totals), totals)
+    res = _batch1_figures(N, min(prefill), min(totals), totals)
     res["first_tokens"] = first
     return res
 

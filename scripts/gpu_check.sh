@@ -258,6 +258,7 @@ if [ "$RUN_BENCH" = "1" ]; then
     case $rc in
         0) BENCH_STATUS="complete" ;;
         3) BENCH_STATUS="partial (stopped early; see its status line)" ;;
+        4) BENCH_STATUS="WRONG OUTPUT (a flashdecode row failed its check; see the table)" ;;
         124|137) BENCH_STATUS="KILLED by timeout (partial results.json)" ;;
         *) BENCH_STATUS="FAILED (exit $rc)" ;;
     esac

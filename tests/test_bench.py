@@ -323,6 +323,20 @@ def test_cpu_run_end_to_end(tmp_path, capsys):
     assert os.path.exists(os.path.join(opts.out, report.TABLE_FILE))
 
 
+def test_wrong_flashdecode_output_fails_the_run(tmp_path, monkeypatch, capsys):
+    """Exit status 4 when a flashdecode row's output failed its check; a wrong peer does not fail it."""
+    rows = [dict(shape="decode:1,64,4/2,16", impl="flashdecode", correct=True),
+            dict(shape="decode:1,64,4/2,16", impl="flex", correct=False)]
+    fake = {"status": "complete", "rows": rows}
+    monkeypatch.setattr(runner, "run", lambda opts: fake)
+    monkeypatch.setattr(runner, "finish", lambda results, opts: None)
+    args = ["--device", "cpu", "--tiny", "--no-plot", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    rows.append(dict(shape="decode:1,64,4/2,16", impl="flashdecode-paged", correct=False))
+    assert cli.main(args) == 4
+    assert "WRONG output" in capsys.readouterr().err and "flashdecode-paged" in cli.wrong_rows(fake)[0]
+
+
 def test_budget_skips_rows_but_reports(tmp_path):
     opts = _opts(tmp_path, budget_s=1e-9)
     res = runner.run(opts, log=_quiet)

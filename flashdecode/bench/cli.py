@@ -16,6 +16,9 @@ machine without CUDA, a tiny CPU grid (smoke test).
 implementations (--peers): flashdecode, flashdecode-paged, flashdecode-noappend, sdpa-flash,
 sdpa-cudnn, flashinfer, naive, flex.
 
+exit status: 0 complete; 3 stopped early (--budget; the reports cover what ran); 4 a flashdecode row's
+output failed its check against the fp32 reference; 2 bad arguments.
+
 outputs in --out: results.json (every figure, card, versions, date), results.md (tables for
 BENCHMARKS.md), table.txt (the printed report), bandwidth.png (when matplotlib is installed).
 """
@@ -153,7 +156,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = run(opts)
     finish(results, opts)
+    wrong = wrong_rows(results)
+    if wrong:
+        print(f"flashdecode bench: WRONG output (failed the check against the fp32 reference): {', '.join(wrong)}",
+              file=sys.stderr)
+        return 4
     return 0 if results.get("status") == "complete" else 3
+
+
+def wrong_rows(results: dict) -> list[str]:
+    """``shape impl`` of every flashdecode row whose output failed its check (a peer's wrong
+    output is reported in the tables but does not fail the run)."""
+    return [f"{r['shape']} {r['impl']}" for r in results.get("rows", [])
+            if str(r.get("impl", "")).startswith("flashdecode") and r.get("correct") is False]
 
 
 if __name__ == "__main__":

@@ -107,8 +107,8 @@ def sweep(shape: shapes.Shape, paged: bool, splits_list, deadline: float, sms: i
 
         def run(cfg: heuristics.TileConfig, splits: int) -> float | None:
             # The launcher runs `cfg` as it is: no deeper pipeline for lone programs on top.
-            heuristics.choose_tiles = lambda *a, _cfg=cfg: _cfg
-            heuristics.deepen_lone_programs = lambda cfg, *a: cfg
+            heuristics.choose_tiles = lambda *a, _cfg=cfg, **k: _cfg
+            heuristics.deepen_lone_programs = lambda cfg, *a, **k: cfg
             fn = built.fn
 
             def call(p, _s=splits):

@@ -229,8 +229,8 @@ def sweep_shape(args, inputs, shape, paged, layout, original, sms, results) -> t
     base_us = None
     for bn, warps, stages, splits in variants:
         cfg = heuristics.TileConfig(block_m=base.block_m, block_n=bn, num_warps=warps, num_stages=stages)
-        heuristics.choose_tiles = lambda *a, _cfg=cfg: _cfg
-        deepen, heuristics.deepen_lone_programs = heuristics.deepen_lone_programs, lambda cfg, *a: cfg  # cfg as is
+        heuristics.choose_tiles = lambda *a, _cfg=cfg, **k: _cfg
+        deepen, heuristics.deepen_lone_programs = heuristics.deepen_lone_programs, lambda cfg, *a, **k: cfg  # cfg as is
         try:
             us = time_graph(lambda: flash_attn_with_kvcache(**inputs, num_splits=splits))
         except Exception as exc:  # out of shared memory, etc.

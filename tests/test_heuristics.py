@@ -100,6 +100,22 @@ def test_contiguous_small_grids_fill_the_sms_once(batch, hk, keys, block_n, want
     assert batch * hk * got <= max(H100_SMS, batch * hk)
 
 
+def test_a_smaller_shared_memory_budget_gives_fewer_stages():
+    # Consumer Ampere/Ada give a program 99 KiB (101376 bytes): a 3-stage prefill tile (128 KiB) would not launch.
+    small = 101376
+    prefill, decode = hz.choose_tiles(128, 2, 4096 * 4), hz.choose_tiles(128, 2, 4)
+    assert hz.tile_smem_bytes(prefill, 128, 2) > small and prefill.num_stages == 3
+    for rows in (4, 32, 4096 * 4):
+        for d in (64, 128, 256):
+            cfg = hz.choose_tiles(d, 2, rows, smem_budget=small)
+            assert hz.tile_smem_bytes(cfg, d, 2) <= small and cfg.num_stages >= 2
+    assert hz.choose_tiles(128, 2, 4096 * 4, smem_budget=small) == hz.TileConfig(128, 64, 8, 2)
+    assert hz.choose_tiles(128, 2, 4, smem_budget=small) == hz.TileConfig(16, 64, 4, 2)
+    assert hz.choose_tiles(128, 2, 4, smem_budget=hz.SMEM_BUDGET_BYTES) == decode
+    lone = hz.TileConfig(16, 64, 4, 2)
+    assert hz.deepen_lone_programs(lone, 8, H100_SMS, 1 << 16, 8, 128, 2, smem_budget=small) == lone
+
+
 def test_lone_programs_get_a_deeper_pipeline():
     cfg = hz.TileConfig(block_m=16, block_n=64, num_warps=4, num_stages=3)
     deeper = hz.deepen_lone_programs(cfg, 128, H100_SMS, 32768, 16, 128, 2)  # 32 tiles per split

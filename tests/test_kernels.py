@@ -618,6 +618,17 @@ def test_lone_program_pipeline_matches_brute_force(append, device, monkeypatch):
     torch.testing.assert_close(k.cpu().double(), want_k, rtol=1.6e-2, atol=1.6e-2, equal_nan=True)
 
 
+def test_plan_keeps_to_the_devices_shared_memory(monkeypatch):
+    """The launcher plans within the device's shared memory per program (`launch.smem_budget`)."""
+    launch = _launch()
+    assert launch.smem_budget(torch.device("cpu")) == launch.heuristics.SMEM_BUDGET_BYTES
+    monkeypatch.setattr(launch, "smem_budget", lambda device: 101376)  # consumer Ampere/Ada
+    cfg, _, _ = _planned(monkeypatch, 1, 8, 8, 16384, q_len=128)
+    assert cfg.block_m == 128 and cfg.num_stages == 2
+    cfg, _, splits = _planned(monkeypatch, 32, 32, 1, 8192)  # MQA: one program per SM, but no room for 4 stages
+    assert splits == 4 and cfg.num_stages == 2
+
+
 def test_prefill_grids_keep_the_target_programs_per_sm(monkeypatch):
     cfg, m_tiles, splits = _planned(monkeypatch, 1, 8, 8, 16384, q_len=128)
     assert cfg.block_m == 128 and m_tiles == 1 and splits == 32  # 8 programs -> 256 (two per SM), not 128

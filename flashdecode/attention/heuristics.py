@@ -95,12 +95,15 @@ def padded_head_dim(head_dim: int) -> int:
     return max(16, next_pow2(head_dim))
 
 
-def choose_tiles(head_dim: int, elem_bytes: int, rows_per_seq: int) -> TileConfig:
+def choose_tiles(head_dim: int, elem_bytes: int, rows_per_seq: int,
+                 smem_budget: int = SMEM_BUDGET_BYTES) -> TileConfig:
     """Tile sizes for one (query-row tile, KV head) program.
 
     ``rows_per_seq`` is ``max_seqlen_q * group`` (query positions times query heads per KV head):
     the M extent of the packed query tile. Decode (few rows) uses the smallest M that `tl.dot`
     accepts and a wide key tile, since it is bound by reading K/V; prefill uses large M tiles.
+    ``smem_budget`` caps the shared memory of `tile_smem_bytes` (the launcher passes less than
+    ``SMEM_BUDGET_BYTES`` for GPUs that give a program less: 99 KiB on consumer Ampere and Ada).
     """
     d = padded_head_dim(head_dim)
     if elem_bytes not in (2, 4):
@@ -130,9 +133,9 @@ def choose_tiles(head_dim: int, elem_bytes: int, rows_per_seq: int) -> TileConfi
     def smem(stages: int, bn: int) -> int:
         return tile_smem_bytes(TileConfig(block_m, bn, num_warps, stages), d, elem_bytes)
 
-    while num_stages > 1 and smem(num_stages, block_n) > SMEM_BUDGET_BYTES:
+    while num_stages > 1 and smem(num_stages, block_n) > smem_budget:
         num_stages -= 1
-    while block_n > 16 and smem(num_stages, block_n) > SMEM_BUDGET_BYTES:
+    while block_n > 16 and smem(num_stages, block_n) > smem_budget:
         block_n //= 2
     return TileConfig(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
 
@@ -157,17 +160,17 @@ def cap_stages(cfg: TileConfig, max_keys: int, splits: int) -> TileConfig:
 
 
 def deepen_lone_programs(cfg: TileConfig, programs: int, num_sms: int, max_keys: int, splits: int,
-                         head_dim: int, elem_bytes: int) -> TileConfig:
+                         head_dim: int, elem_bytes: int, smem_budget: int = SMEM_BUDGET_BYTES) -> TileConfig:
     """``LONE_PROGRAM_STAGES`` pipeline stages where every program has an SM to itself
     (``programs`` <= ``num_sms``), its split holds at least ``LONE_PROGRAM_MIN_TILES`` key tiles
-    and the stages fit ``SMEM_BUDGET_BYTES``; ``cfg`` otherwise. The launcher asks for contiguous
+    and the stages fit ``smem_budget``; ``cfg`` otherwise. The launcher asks for contiguous
     decode grids only, where it was measured."""
     tiles_per_split = cdiv(cdiv(max(1, max_keys), cfg.block_n), max(1, splits))
     if programs > num_sms or tiles_per_split < LONE_PROGRAM_MIN_TILES or cfg.num_stages >= LONE_PROGRAM_STAGES:
         return cfg
     deeper = TileConfig(block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps,
                         num_stages=LONE_PROGRAM_STAGES)
-    if tile_smem_bytes(deeper, padded_head_dim(head_dim), elem_bytes) > SMEM_BUDGET_BYTES:
+    if tile_smem_bytes(deeper, padded_head_dim(head_dim), elem_bytes) > smem_budget:
         return cfg
     return deeper
 

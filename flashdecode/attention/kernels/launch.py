@@ -67,13 +67,32 @@ def num_sms(device: torch.device) -> int:
     return _num_sms(device.type, device.index)
 
 
+@functools.lru_cache(maxsize=None)
+def _max_shared_mem(device_type: str, index: int | None) -> int | None:
+    if device_type != "cuda":
+        return None
+    from triton.runtime import driver  # noqa: PLC0415
+
+    index = index if index is not None else torch.cuda.current_device()
+    return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
+
+
+def smem_budget(device: torch.device) -> int:
+    """Shared memory the tile heuristics may plan for one program on ``device``:
+    ``SMEM_BUDGET_BYTES``, or the GPU's opt-in limit per block where that is lower (99 KiB on
+    consumer Ampere and Ada, where a 3-stage prefill tile, 128 KiB, would not launch)."""
+    limit = _max_shared_mem(device.type, device.index)
+    return heuristics.SMEM_BUDGET_BYTES if limit is None else min(heuristics.SMEM_BUDGET_BYTES, limit)
+
+
 def _plan(p: PackedProblem, append: bool = False) -> tuple[heuristics.TileConfig, int, int]:
     """Tile config, number of query tiles and split count for ``p`` (shapes only); ``append``: the
     kernel variant with the fused append, which holds fewer programs per SM."""
     _, num_heads, head_dim = p.q.shape
     num_kv_heads = p.k_pages.shape[2]
     group = num_heads // num_kv_heads
-    cfg = heuristics.choose_tiles(head_dim, p.q.element_size(), max(1, p.max_seqlen_q) * group)
+    budget = smem_budget(p.q.device)
+    cfg = heuristics.choose_tiles(head_dim, p.q.element_size(), max(1, p.max_seqlen_q) * group, smem_budget=budget)
     n_m_tiles = heuristics.num_query_tiles(p.max_seqlen_q, group, cfg.block_m)
     capacity = p.block_table.shape[1] * p.page_size
     resident = heuristics.FUSED_APPEND_RESIDENT_PROGRAMS_PER_SM if append else heuristics.RESIDENT_PROGRAMS_PER_SM
@@ -88,7 +107,7 @@ def _plan(p: PackedProblem, append: bool = False) -> tuple[heuristics.TileConfig
     cfg = heuristics.cap_stages(cfg, capacity, splits)
     if contiguous_decode and sms > 1:
         cfg = heuristics.deepen_lone_programs(cfg, p.batch * num_kv_heads * n_m_tiles * splits, sms, capacity,
-                                              splits, head_dim, p.q.element_size())
+                                              splits, head_dim, p.q.element_size(), smem_budget=budget)
     return cfg, n_m_tiles, splits
 
 

@@ -52,6 +52,11 @@ def test_bad_values_with_checks_off_stay_inside_on_the_tma_path(device, monkeypa
     """The same for a contiguous 16-bit cache read through tensor descriptors (FLASHDECODE_TMA=1):
     a batch index outside the cache and lengths past the capacity give finite results and leave
     the cache as it was (nothing to append)."""
+    from flashdecode.attention.kernels import launch
+
+    taken = []
+    descriptors = launch.kv_descriptors
+    monkeypatch.setattr(launch, "kv_descriptors", lambda *a: taken.append(descriptors(*a)) or taken[-1])
     monkeypatch.setenv("FLASHDECODE_TMA", "1")
     monkeypatch.setenv("FLASHDECODE_BACKEND", "triton")
     g = torch.Generator().manual_seed(8)
@@ -65,3 +70,5 @@ def test_bad_values_with_checks_off_stay_inside_on_the_tma_path(device, monkeypa
                                   check_values=False)
     assert torch.isfinite(out.float()).all()
     assert torch.equal(k_cache, before_k) and torch.equal(v_cache, before_v)
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9:
+        assert taken and taken[-1] is not None  # the descriptor path ran

@@ -207,6 +207,19 @@ def test_pipeline_depth_is_capped_by_the_tiles_of_a_split():
     assert hz.cap_stages(cfg, 4096, 32).block_n == 64
 
 
+def test_short_splits_take_half_size_key_tiles():
+    cfg = hz.TileConfig(block_m=16, block_n=64, num_warps=4, num_stages=3)
+    half = hz.TileConfig(block_m=16, block_n=32, num_warps=4, num_stages=3)
+    assert hz.halve_short_split_tiles(cfg, 4096, 32) == half  # 2 tiles of 64 per split
+    assert hz.halve_short_split_tiles(cfg, 4096, 22) == cfg  # 3 tiles dealt to a split (the last gets 1)
+    assert hz.halve_short_split_tiles(cfg, 4096 + 1, 32) == cfg  # 65 tiles: 3 per split
+    assert hz.halve_short_split_tiles(cfg, 64 * 3, 1) == cfg  # 3
+    assert hz.halve_short_split_tiles(cfg, 64 * 2, 1) == half  # 2
+    assert hz.halve_short_split_tiles(cfg, 1, 1) == half  # one short tile
+    narrow = hz.TileConfig(block_m=16, block_n=32, num_warps=4, num_stages=3)  # D=256
+    assert hz.halve_short_split_tiles(narrow, 64, 1) == narrow  # not below SHORT_SPLIT_MIN_BLOCK_N
+
+
 @pytest.mark.parametrize("page, block_n, want", [
     (1, 64, 1), (2, 64, 2), (4, 128, 4), (16, 64, 16), (16, 32, 16), (32, 64, 32),
     (16, 16, 0),  # a page per tile: read once per tile already (TILE_IN_PAGE)

@@ -579,7 +579,7 @@ def _planned(monkeypatch, batch, heads, kv_heads, keys, page_size=None, q_len=1,
     (8, 32, 8, 8192, 128, (2, 4), (4, 3)),
     (32, 32, 1, 8192, 128, (4, 4), (8, 3)),
     (16, 16, 8, 8192, 256, (1, 4), (2, 3)),
-    (1, 32, 8, 4096, 128, (16, 3), (32, 2)),  # 4 tiles per contiguous split: 3 stages
+    (1, 32, 8, 4096, 128, (16, 3), (32, 3)),  # 4 tiles per contiguous split; paged: 4 of 32 keys
     (64, 9, 3, 2048, 64, (1, 3), (1, 3)),  # 192 programs: two on some SMs
     (1, 8, 1, 1 << 20, 128, (128, 4), (128, 3)),  # MAX_SPLITS: one program per SM for the paged cache too
 ])
@@ -591,6 +591,21 @@ def test_contiguous_decode_grids_fill_the_sms_once(monkeypatch, batch, heads, kv
     assert (splits, cfg.num_stages) == contiguous
     cfg, _, splits = _planned(monkeypatch, batch, heads, kv_heads, keys, page_size=16, head_dim=head_dim)
     assert (splits, cfg.num_stages) == paged
+
+
+@pytest.mark.parametrize("batch, keys, contiguous, paged", [
+    # (block_n, splits, stages) of a contiguous cache, then of pages of 16 slots (32/8 heads, D=128)
+    (1, 4096, (64, 16, 3), (32, 32, 3)),
+    (1, 1024, (64, 8, 2), (32, 8, 3)),
+    (2, 2048, (64, 8, 3), (32, 16, 3)),
+    (2, 4096, (64, 8, 4), (64, 16, 3)),  # 4 paged tiles of 64 keys per split: kept
+])
+def test_short_paged_splits_take_half_size_key_tiles(monkeypatch, batch, keys, contiguous, paged):
+    """A paged decode split of fewer than 3 key tiles gets 32-key tiles; a contiguous one keeps its
+    64-key tiles (measured slower with half-size ones)."""
+    for page_size, want in ((None, contiguous), (16, paged)):
+        cfg, _, splits = _planned(monkeypatch, batch, 32, 8, keys, page_size=page_size)
+        assert (cfg.block_n, splits, cfg.num_stages) == want
 
 
 @pytest.mark.interpreter

@@ -63,6 +63,17 @@ LONE_PROGRAM_MIN_TILES = 8
 # compiles to 168 registers and 16 bytes of spill: 3 per SM.) Register and shared-memory figures:
 # `python -m flashdecode.attention.kernels.aot_check` with the GPU machine's Triton version.
 FUSED_APPEND_RESIDENT_PROGRAMS_PER_SM = 2
+# A paged decode split of fewer than SHORT_SPLIT_TILES key tiles gets key tiles half as long (not
+# below SHORT_SPLIT_MIN_BLOCK_N keys), which gives its pipeline tiles to overlap while it waits for
+# block-table entries. On an H200 (2026-11-28, page 16, 32/8 heads, D=128): run 53's sweep of
+# B=1 L=4096 (32 splits of 2 tiles of 64 keys, which `cap_stages` leaves at 2 stages) found 32-key
+# tiles at 3 stages fastest, 10.7 us against 11.1; run 54's A/B (best of 3 rounds) took the paged
+# cache from 11.1 to 10.7 us at B=1 L=4096, 9.0 -> 8.5 at B=1 L=2048, 10.6 -> 10.4 at B=2 L=2048,
+# 8.1 -> 7.8 at B=1 L=1024, 10.6 -> 10.4 at B=4 L=1024 and 7.6 -> 7.3 at B=1 L=512. The contiguous
+# cache (TMA loads, no table) did not gain: 8.5 -> 8.4 at B=1 L=2048, 7.6 -> 7.7 at L=1024,
+# 7.0 -> 7.2 at L=512; the launcher keeps its tiles.
+SHORT_SPLIT_TILES = 3
+SHORT_SPLIT_MIN_BLOCK_N = 32
 BALANCED_WAVES = 3
 # With a full grid, decode programs still split caches longer than this: in a ragged batch the
 # longest sequences would otherwise run alone at the end. The partial results cost
@@ -157,6 +168,17 @@ def cap_stages(cfg: TileConfig, max_keys: int, splits: int) -> TileConfig:
     if stages == cfg.num_stages:
         return cfg
     return TileConfig(block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=stages)
+
+
+def halve_short_split_tiles(cfg: TileConfig, max_keys: int, splits: int) -> TileConfig:
+    """Half-size key tiles (not below ``SHORT_SPLIT_MIN_BLOCK_N``) for a split of fewer than
+    ``SHORT_SPLIT_TILES`` key tiles, so that its software pipeline has tiles to overlap; ``cfg``
+    otherwise. The launcher asks for decode tiles only, before `cap_stages`."""
+    tiles_per_split = cdiv(cdiv(max(1, max_keys), cfg.block_n), max(1, splits))
+    if tiles_per_split >= SHORT_SPLIT_TILES or cfg.block_n // 2 < SHORT_SPLIT_MIN_BLOCK_N:
+        return cfg
+    return TileConfig(block_m=cfg.block_m, block_n=cfg.block_n // 2, num_warps=cfg.num_warps,
+                      num_stages=cfg.num_stages)
 
 
 def deepen_lone_programs(cfg: TileConfig, programs: int, num_sms: int, max_keys: int, splits: int,

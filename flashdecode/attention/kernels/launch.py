@@ -104,6 +104,8 @@ def _plan(p: PackedProblem, append: bool = False) -> tuple[heuristics.TileConfig
         p.num_splits, p.batch, num_kv_heads, n_m_tiles, capacity, cfg.block_n, sms,
         resident_per_sm=resident, fill_per_sm=fill,
     )
+    if decode_sized(cfg) and not contiguous_decode:
+        cfg = heuristics.halve_short_split_tiles(cfg, capacity, splits)
     cfg = heuristics.cap_stages(cfg, capacity, splits)
     if contiguous_decode and sms > 1:
         cfg = heuristics.deepen_lone_programs(cfg, p.batch * num_kv_heads * n_m_tiles * splits, sms, capacity,

@@ -16,8 +16,11 @@ Usage: python scripts/sweep_splits.py [--shapes decode append] [--paged] [--budg
        [--block-n 64 128] [--warps 4] [--stages 2 3 4] [--top-splits 1]
 
 The launcher's knobs apply as in the benchmark, e.g. ``FLASHDECODE_TMA=0`` sweeps the pointer
-loads. Every row runs the tiles it names, also the heuristic's split count (without the extra
-pipeline stages of `heuristics.deepen_lone_programs`).
+loads. Every row runs the tiles it names, also the heuristic's split count: the launcher's
+adjustments per plan (`heuristics.halve_short_split_tiles`, `heuristics.deepen_lone_programs`)
+are off while the sweep times. Each row's output is checked against the benchmark's fp32
+reference first; a row that fails is printed WRONG and stored with ``correct: false``, and the
+script then exits 1.
 """
 
 from __future__ import annotations
@@ -94,6 +97,7 @@ def sweep(shape: shapes.Shape, paged: bool, splits_list, deadline: float, sms: i
     base = heuristics.choose_tiles(shape.head_dim, shape.elem_bytes, shape.seqlen_q * shape.group)
     n_tiles = heuristics.cdiv(shape.seqlen, base.block_n)
     original, deepen = heuristics.choose_tiles, heuristics.deepen_lone_programs
+    halve = heuristics.halve_short_split_tiles
     for impl in impls:
         fused_append = shape.kind == "append" and impl.name != "flashdecode-noappend"
         h_splits = heuristics.choose_num_splits(
@@ -104,33 +108,44 @@ def sweep(shape: shapes.Shape, paged: bool, splits_list, deadline: float, sms: i
         )
         built = impl.build(problems)[0]
         label = f"{shape.name} {impl.name}"
+        expected = built.expected() if built.expected is not None else peers.reference_output(problems[0])
 
-        def run(cfg: heuristics.TileConfig, splits: int) -> float | None:
-            # The launcher runs `cfg` as it is: no deeper pipeline for lone programs on top.
+        def run(cfg: heuristics.TileConfig, splits: int) -> tuple[float, bool] | None:
+            """Median µs and whether the output matched the fp32 reference (None if it did not run)."""
+            # The launcher runs `cfg` as it is: no per-plan adjustment on top.
             heuristics.choose_tiles = lambda *a, _cfg=cfg, **k: _cfg
             heuristics.deepen_lone_programs = lambda cfg, *a, **k: cfg
+            heuristics.halve_short_split_tiles = lambda cfg, *a, **k: cfg
             fn = built.fn
 
             def call(p, _s=splits):
                 return launch_with_splits(fn, p, _s)
             try:
-                return time_us(call, built.states)
+                out = call(built.states[0])
+                torch.cuda.synchronize()
+                correct = peers.compare(built.to_bshd(out), expected, shape.torch_dtype)["correct"]
+                del out
+                if not correct:
+                    print(f"  {cfg} s={splits}: WRONG output (against the fp32 reference)", flush=True)
+                return time_us(call, built.states), bool(correct)
             except Exception as exc:  # out of shared memory, etc.
                 print(f"  {cfg} s={splits}: {type(exc).__name__}", flush=True)
                 return None
             finally:
                 heuristics.choose_tiles = original
                 heuristics.deepen_lone_programs = deepen
+                heuristics.halve_short_split_tiles = halve
 
         by_split = {}
         for s in sorted({*(x for x in splits_list if x <= n_tiles), h_splits}):
             if time.time() > deadline:
                 break
-            us = run(base, s)
-            if us is not None:
+            got = run(base, s)
+            if got is not None:
+                us, correct = got
                 by_split[s] = us
                 rows.append(dict(shape=shape.name, impl=impl.name, block_n=base.block_n, warps=base.num_warps,
-                                 stages=base.num_stages, splits=s, us=us, heuristic=s == h_splits))
+                                 stages=base.num_stages, splits=s, us=us, heuristic=s == h_splits, correct=correct))
         if not by_split:
             continue
         line = " ".join(f"s{s}:{us:.1f}" for s, us in sorted(by_split.items()))
@@ -144,15 +159,15 @@ def sweep(shape: shapes.Shape, paged: bool, splits_list, deadline: float, sms: i
             if (bn, warps, stages) == (base.block_n, base.num_warps, base.num_stages):
                 continue
             cfg = heuristics.TileConfig(block_m=base.block_m, block_n=bn, num_warps=warps, num_stages=stages)
-            us = run(cfg, min(s, heuristics.cdiv(shape.seqlen, bn)))
-            if us is not None:
+            got = run(cfg, min(s, heuristics.cdiv(shape.seqlen, bn)))
+            if got is not None:
                 rows.append(dict(shape=shape.name, impl=impl.name, block_n=bn, warps=warps, stages=stages, splits=s,
-                                 us=us, heuristic=False))
-        mine = [r for r in rows if r["impl"] == impl.name]
-        best = min(mine, key=lambda r: r["us"])
+                                 us=got[0], heuristic=False, correct=got[1]))
+        mine = [r for r in rows if r["impl"] == impl.name and r["correct"]]
         h = by_split.get(h_splits)
-        print(f"{label}: heuristic s={h_splits} {h if h is None else round(h, 1)} us | best {best['us']:.1f} us "
-              f"(bn={best['block_n']} w={best['warps']} st={best['stages']} s={best['splits']})", flush=True)
+        best = (f"best {(b := min(mine, key=lambda r: r['us']))['us']:.1f} us "
+                f"(bn={b['block_n']} w={b['warps']} st={b['stages']} s={b['splits']})" if mine else "no correct row")
+        print(f"{label}: heuristic s={h_splits} {h if h is None else round(h, 1)} us | {best}", flush=True)
     if shape.kind == "decode" and not paged:
         c = cudnn_us(problems)
         if c is not None:
@@ -206,6 +221,10 @@ def main() -> int:
         torch.cuda.empty_cache()
         if args.out:
             Path(args.out).write_text(json.dumps(rows, indent=1))
+    wrong = [r for r in rows if r.get("correct") is False]
+    if wrong:
+        print(f"{len(wrong)} rows gave WRONG output: see the lines marked WRONG above", flush=True)
+        return 1
     return 0
 
 

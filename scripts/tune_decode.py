@@ -2,6 +2,7 @@
 
 For each shape, contiguous and paged (page 16, shuffled pool), times every (block_n, num_warps,
 num_stages, splits) variant by CUDA-graph replay and prints the best next to the heuristic's pick.
+Outputs are not checked (`scripts/sweep_splits.py` checks each row against the fp32 reference).
 Caveat: the inputs are not rotated, so shapes whose K/V fit in L2 (about 50 MB) read warm here and
 look faster than in the benchmark, which keeps L2 cold. `scripts/sweep_splits.py` sweeps split
 counts and tiles with the benchmark's cold-L2 inputs; the split heuristic now comes from it.
@@ -230,7 +231,9 @@ def sweep_shape(args, inputs, shape, paged, layout, original, sms, results) -> t
     for bn, warps, stages, splits in variants:
         cfg = heuristics.TileConfig(block_m=base.block_m, block_n=bn, num_warps=warps, num_stages=stages)
         heuristics.choose_tiles = lambda *a, _cfg=cfg, **k: _cfg
-        deepen, heuristics.deepen_lone_programs = heuristics.deepen_lone_programs, lambda cfg, *a, **k: cfg  # cfg as is
+        # cfg as is: no per-plan adjustment by the launcher
+        deepen, heuristics.deepen_lone_programs = heuristics.deepen_lone_programs, lambda cfg, *a, **k: cfg
+        halve, heuristics.halve_short_split_tiles = heuristics.halve_short_split_tiles, lambda cfg, *a, **k: cfg
         try:
             us = time_graph(lambda: flash_attn_with_kvcache(**inputs, num_splits=splits))
         except Exception as exc:  # out of shared memory, etc.
@@ -239,6 +242,7 @@ def sweep_shape(args, inputs, shape, paged, layout, original, sms, results) -> t
         finally:
             heuristics.choose_tiles = original
             heuristics.deepen_lone_programs = deepen
+            heuristics.halve_short_split_tiles = halve
         row = record(bn, warps, stages, splits, us)
         if (bn, warps, stages, splits) == (base.block_n, base.num_warps, base.num_stages, base_splits):
             base_us = us

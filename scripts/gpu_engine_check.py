@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flashdecode import LLM, SamplingParams  # noqa: E402
-from flashdecode.bench.e2e import common_prefix_length  # noqa: E402
+from flashdecode.bench.e2e.report import common_prefix_length  # noqa: E402
 
 SMOLLM2_SHAPE = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,

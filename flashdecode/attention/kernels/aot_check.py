@@ -74,6 +74,12 @@ ATTENTION_VARIANTS: dict[str, dict[str, Any]] = {
                                 num_stages=4),
     "decode-tma-lone-d256": dict(HEAD_DIM=256, HEAD_DIM_P2=256, BLOCK_N=32, SPLIT=False, SINGLE_PAGE=True,
                                  LATE_SUM=True, TMA_KV=True, num_stages=4),
+    # heuristics.halve_short_split_tiles: paged splits of fewer than 3 tiles take 32-key tiles.
+    "decode-short-split-gather16": dict(BLOCK_N=32, TILE_IN_PAGE=False, GATHER_PAGE=16, LATE_SUM=True,
+                                        TABLE_ALIGNED=True),
+    # Pages of 16 slots read as 16-key tiles, one page per tile: pointer loads, and through TMA.
+    "decode-page16-bn16": dict(BLOCK_N=16, LATE_SUM=True),
+    "decode-tma-page16-bn16": dict(BLOCK_N=16, LATE_SUM=True, TMA_KV=True),
     "decode-d256-fp16": dict(dtype="fp16", HEAD_DIM=256, HEAD_DIM_P2=256, BLOCK_N=32, num_stages=3),
     "decode-d256-fused-append": dict(HEAD_DIM=256, HEAD_DIM_P2=256, BLOCK_N=32, num_stages=3, APPEND=True,
                                      ROTARY_DIM=256, ROTARY_INTERLEAVED=False),

@@ -527,6 +527,29 @@ def test_tma_tiles_match_brute_force(spec, knob, device, monkeypatch):
         assert_close_attention(out, lse, want_out, want_lse, spec.dtype, f"{spec.name} splits={n}")
 
 
+@pytest.mark.interpreter
+def test_page_sized_tma_tiles_with_a_deep_pipeline_match_brute_force(device, monkeypatch):
+    """Pages of 16 slots read as 16-key tiles, one page per tile through TMA, 8 stages deep (a tile
+    config only `scripts/sweep_splits.py --block-n 16` asks for today): every split count equals
+    the float64 brute force, with NaN in every slot outside the keys."""
+    launch = _launch()
+    spy = _KernelSpy(launch.attention_split_kernel)
+    monkeypatch.setattr(launch, "attention_split_kernel", spy)
+    tile = launch.heuristics.TileConfig(block_m=16, block_n=16, num_warps=4, num_stages=8)
+    monkeypatch.setattr(launch.heuristics, "choose_tiles", lambda *a, **k: tile)
+    spec = Spec("tma-page16-tile16", q_lens=(1, 1, 1), cache_lens=(300, 129, 15), new_lens=(1, 1, 1), heads=8,
+                kv_heads=2, head_dim=128, dtype=torch.bfloat16, page_size=16, max_pages=24, rotary_frac=1.0,
+                causal=True)
+    p = _contiguous_poisoned(build(spec, device, seed=13))
+    want_out, want_lse, _, _ = brute_force(p)
+    tma = device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+    for n in (0, 1, 3):
+        out, lse, _, _ = run_triton(p, n)
+        call = spy.calls[-1]
+        assert (call["BLOCK_N"], call["TMA_KV"]) == (16, tma)
+        assert_close_attention(out, lse, want_out, want_lse, spec.dtype, f"{spec.name} splits={n}")
+
+
 def test_tma_knob_and_eligibility(monkeypatch):
     """On by default (``FLASHDECODE_TMA=0`` turns it off), only where one descriptor per cache
     covers every tile."""

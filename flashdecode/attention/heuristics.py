@@ -159,14 +159,20 @@ def tile_smem_bytes(cfg: TileConfig, padded_dim: int, elem_bytes: int) -> int:
     return (cfg.block_m + cfg.num_stages * 2 * cfg.block_n) * padded_dim * elem_bytes
 
 
+def tiles_per_split(max_keys: int, block_n: int, splits: int) -> int:
+    """Key tiles of the longest split when ``max_keys`` keys are dealt to ``splits`` splits in
+    tiles of ``block_n`` (as the kernel deals them)."""
+    return cdiv(cdiv(max(1, max_keys), block_n), max(1, splits))
+
+
 def cap_stages(cfg: TileConfig, max_keys: int, splits: int) -> TileConfig:
     """No deeper software pipeline than a split has key tiles: extra stages only add prologue loads.
 
     On an H200 (2026-11-28, B=1, L=4096, 32/8 heads, 32 splits of 2 tiles) the benchmark moved from
     18.1 to 17.5 us with this cap.
     """
-    tiles_per_split = cdiv(cdiv(max(1, max_keys), cfg.block_n), max(1, splits))
-    stages = max(2, min(cfg.num_stages, tiles_per_split))
+    tiles = tiles_per_split(max_keys, cfg.block_n, splits)
+    stages = max(2, min(cfg.num_stages, tiles))
     if stages == cfg.num_stages:
         return cfg
     return TileConfig(block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=stages)
@@ -175,9 +181,10 @@ def cap_stages(cfg: TileConfig, max_keys: int, splits: int) -> TileConfig:
 def halve_short_split_tiles(cfg: TileConfig, max_keys: int, splits: int) -> TileConfig:
     """Half-size key tiles (not below ``SHORT_SPLIT_MIN_BLOCK_N``) for a split of fewer than
     ``SHORT_SPLIT_TILES`` key tiles, so that its software pipeline has tiles to overlap; ``cfg``
-    otherwise. The launcher asks for decode tiles only, before `cap_stages`."""
-    tiles_per_split = cdiv(cdiv(max(1, max_keys), cfg.block_n), max(1, splits))
-    if tiles_per_split >= SHORT_SPLIT_TILES or cfg.block_n // 2 < SHORT_SPLIT_MIN_BLOCK_N:
+    otherwise. The launcher asks for paged decode tiles only (where it was measured), before
+    `cap_stages`."""
+    tiles = tiles_per_split(max_keys, cfg.block_n, splits)
+    if tiles >= SHORT_SPLIT_TILES or cfg.block_n // 2 < SHORT_SPLIT_MIN_BLOCK_N:
         return cfg
     return TileConfig(block_m=cfg.block_m, block_n=cfg.block_n // 2, num_warps=cfg.num_warps,
                       num_stages=cfg.num_stages)
@@ -189,8 +196,8 @@ def deepen_lone_programs(cfg: TileConfig, programs: int, num_sms: int, max_keys:
     (``programs`` <= ``num_sms``), its split holds at least ``LONE_PROGRAM_MIN_TILES`` key tiles
     and the stages fit ``smem_budget``; ``cfg`` otherwise. The launcher asks for contiguous
     decode grids only, where it was measured."""
-    tiles_per_split = cdiv(cdiv(max(1, max_keys), cfg.block_n), max(1, splits))
-    if programs > num_sms or tiles_per_split < LONE_PROGRAM_MIN_TILES or cfg.num_stages >= LONE_PROGRAM_STAGES:
+    tiles = tiles_per_split(max_keys, cfg.block_n, splits)
+    if programs > num_sms or tiles < LONE_PROGRAM_MIN_TILES or cfg.num_stages >= LONE_PROGRAM_STAGES:
         return cfg
     deeper = TileConfig(block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps,
                         num_stages=LONE_PROGRAM_STAGES)

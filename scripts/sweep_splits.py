@@ -13,7 +13,7 @@ spans several L2 sizes, and are timed with the benchmark's graph timer, so figur
 the programs per SM they allow. GPU only.
 
 Usage: python scripts/sweep_splits.py [--shapes decode append] [--paged] [--budget 300] [--out sweep.json]
-       [--block-n 64 128] [--warps 4] [--stages 2 3 4] [--top-splits 1]
+       [--block-m 16 32] [--block-n 64 128] [--warps 4] [--stages 2 3 4] [--top-splits 1]
 
 The launcher's knobs apply as in the benchmark, e.g. ``FLASHDECODE_TMA=0`` sweeps the pointer
 loads. Every row runs the tiles it names, also the heuristic's split count: the launcher's
@@ -144,7 +144,8 @@ def sweep(shape: shapes.Shape, paged: bool, splits_list, deadline: float, sms: i
             if got is not None:
                 us, correct = got
                 by_split[s] = us
-                rows.append(dict(shape=shape.name, impl=impl.name, block_n=base.block_n, warps=base.num_warps,
+                rows.append(dict(shape=shape.name, impl=impl.name, block_m=base.block_m, block_n=base.block_n,
+                                 warps=base.num_warps,
                                  stages=base.num_stages, splits=s, us=us, heuristic=s == h_splits, correct=correct))
         if not by_split:
             continue
@@ -153,20 +154,23 @@ def sweep(shape: shapes.Shape, paged: bool, splits_list, deadline: float, sms: i
               flush=True)
         best_splits = sorted(by_split, key=by_split.get)[:variants.top_splits]
         block_ns = variants.block_n or ((16, 32, 64) if shape.head_dim > 128 else (32, 64, 128))
-        for bn, warps, stages, s in itertools.product(block_ns, variants.warps, variants.stages, best_splits):
+        block_ms = variants.block_m or (base.block_m,)
+        for bm, bn, warps, stages, s in itertools.product(block_ms, block_ns, variants.warps, variants.stages,
+                                                          best_splits):
             if time.time() > deadline:
                 break
-            if (bn, warps, stages) == (base.block_n, base.num_warps, base.num_stages):
+            if (bm, bn, warps, stages) == (base.block_m, base.block_n, base.num_warps, base.num_stages):
                 continue
-            cfg = heuristics.TileConfig(block_m=base.block_m, block_n=bn, num_warps=warps, num_stages=stages)
+            cfg = heuristics.TileConfig(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
             got = run(cfg, min(s, heuristics.cdiv(shape.seqlen, bn)))
             if got is not None:
-                rows.append(dict(shape=shape.name, impl=impl.name, block_n=bn, warps=warps, stages=stages, splits=s,
-                                 us=got[0], heuristic=False, correct=got[1]))
+                rows.append(dict(shape=shape.name, impl=impl.name, block_m=bm, block_n=bn, warps=warps, stages=stages,
+                                 splits=s, us=got[0], heuristic=False, correct=got[1]))
         mine = [r for r in rows if r["impl"] == impl.name and r["correct"]]
         h = by_split.get(h_splits)
         best = (f"best {(b := min(mine, key=lambda r: r['us']))['us']:.1f} us "
-                f"(bn={b['block_n']} w={b['warps']} st={b['stages']} s={b['splits']})" if mine else "no correct row")
+                f"(bm={b['block_m']} bn={b['block_n']} w={b['warps']} st={b['stages']} s={b['splits']})"
+                if mine else "no correct row")
         print(f"{label}: heuristic s={h_splits} {h if h is None else round(h, 1)} us | {best}", flush=True)
     if shape.kind == "decode" and not paged:
         c = cudnn_us(problems)
@@ -200,6 +204,9 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--block-n", type=int, nargs="*", default=None,
                     help="key tile sizes of the variants (default 32 64 128; 16 32 64 for D > 128)")
+    ap.add_argument("--block-m", type=int, nargs="*", default=None,
+                    help="query-row tile sizes of the variants (default: the heuristic's); a tile smaller than a "
+                         "KV head's query rows splits them over several programs that read the same keys")
     ap.add_argument("--warps", type=int, nargs="*", default=[4, 8])
     ap.add_argument("--stages", type=int, nargs="*", default=[2, 3, 4])
     ap.add_argument("--top-splits", type=int, default=2, help="tile variants run at this many best split counts")

@@ -145,8 +145,8 @@ def sweep(shape: shapes.Shape, paged: bool, splits_list, deadline: float, sms: i
                 us, correct = got
                 by_split[s] = us
                 rows.append(dict(shape=shape.name, impl=impl.name, block_m=base.block_m, block_n=base.block_n,
-                                 warps=base.num_warps,
-                                 stages=base.num_stages, splits=s, us=us, heuristic=s == h_splits, correct=correct))
+                                 warps=base.num_warps, stages=base.num_stages, splits=s, us=us,
+                                 heuristic=s == h_splits, correct=correct))
         if not by_split:
             continue
         line = " ".join(f"s{s}:{us:.1f}" for s, us in sorted(by_split.items()))

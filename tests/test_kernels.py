@@ -1112,3 +1112,118 @@ def test_kernels_compile_for_sm90_without_a_gpu():
             done, total = fields["cp16"].split("/")
             assert done == total and int(total) > 0, line
             assert fields.get("stack", "0") == "0", line
+
+
+# ---- the Gluon decode kernel (Hopper, contiguous caches) --------------------------------------
+
+# Plain decode over contiguous caches, which `launch.gluon_problem_supported` accepts: lengths that
+# end inside a tile, empty sequences, left padding, GQA / 9-3 / MHA / 16:1 groups, capacities that
+# are not a multiple of the key tile, one sequence in a pool of one page (a constant in the kernel).
+GLUON_SPECS = [
+    Spec("gluon-gqa-d128-leftpad", q_lens=(1, 1, 1, 1), cache_lens=(1000, 0, 64, 333), new_lens=(0, 0, 0, 0),
+         heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16, page_size=1024, contiguous=True,
+         leftpad=(0, 0, 5, 70), causal=True, splits=(1, 0, 3, 7)),
+    Spec("gluon-9-3-d64-fp16", q_lens=(1, 1, 1, 1), cache_lens=(2048, 1, 129, 700), new_lens=(0, 0, 0, 0), heads=9,
+         kv_heads=3, head_dim=64, dtype=torch.float16, page_size=2048, contiguous=True, splits=(1, 0, 2, 5)),
+    Spec("gluon-mha-capacity-320", q_lens=(1, 1), cache_lens=(320, 65), new_lens=(0, 0), heads=4, kv_heads=4,
+         head_dim=128, dtype=torch.bfloat16, page_size=320, contiguous=True, splits=(1, 0, 4)),
+    Spec("gluon-one-sequence-group16", q_lens=(1,), cache_lens=(517,), new_lens=(0,), heads=16, kv_heads=1,
+         head_dim=128, dtype=torch.bfloat16, page_size=600, contiguous=True, extra_pages=0, splits=(1, 0, 3)),
+]
+
+
+def _gluon_expected(device) -> bool:
+    """Where `launch.gluon_plan` takes the Gluon kernel for a supported problem."""
+    import triton
+
+    launch = _launch()
+    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+            and triton.__version__.startswith(launch.GLUON_TRITON_VERSIONS))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", GLUON_SPECS, ids=lambda s: s.name)
+def test_gluon_decode_matches_brute_force(spec, device, monkeypatch):
+    """With ``FLASHDECODE_GLUON=1``, on a Hopper GPU the Gluon decode kernel runs these calls, and
+    every split count equals the float64 brute force with NaN in every slot outside the keys;
+    ``FLASHDECODE_GLUON=0`` hands the same calls to the Triton kernel."""
+    if device.type != "cuda":
+        pytest.skip("the Gluon kernel compiles for a GPU only")
+    from flashdecode.attention.kernels import gluon_decode
+
+    monkeypatch.setenv("FLASHDECODE_GLUON", "1")
+    calls = []
+    real = gluon_decode.launch
+    monkeypatch.setattr(gluon_decode, "launch", lambda *a, **k: (calls.append(a[-2:]), real(*a, **k))[1])
+    p = _contiguous_poisoned(build(spec, device, seed=17))
+    assert _launch().gluon_problem_supported(p)
+    want_out, want_lse, _, _ = brute_force(p)
+    for n in spec.splits:
+        out, lse, _, _ = run_triton(p, n)
+        assert_close_attention(out, lse, want_out, want_lse, spec.dtype, f"{spec.name} splits={n}")
+    assert len(calls) == (len(spec.splits) if _gluon_expected(device) else 0)
+    monkeypatch.setenv("FLASHDECODE_GLUON", "0")
+    out, lse, _, _ = run_triton(p, 0)
+    assert_close_attention(out, lse, want_out, want_lse, spec.dtype, f"{spec.name} FLASHDECODE_GLUON=0")
+    assert len(calls) == (len(spec.splits) if _gluon_expected(device) else 0)
+
+
+def test_gluon_problem_supported_takes_plain_contiguous_decode_only():
+    """Every feature the Gluon kernel leaves out sends the call to the Triton kernel."""
+    launch = _launch()
+    cpu = torch.device("cpu")
+    base = GLUON_SPECS[0]
+    assert launch.gluon_problem_supported(_contiguous_poisoned(build(base, cpu)))
+    assert launch.gluon_problem_supported(_contiguous_poisoned(build(GLUON_SPECS[1], cpu)))
+    assert not launch.gluon_problem_supported(build(base, cpu))  # pools are views of wider rows
+    turned_down = {
+        "paged": dict(contiguous=False, page_size=64, max_pages=16),
+        "two queries": dict(q_lens=(2, 1, 1, 1)),
+        "append": dict(new_lens=(1, 1, 1, 1), causal=True),
+        "window": dict(window=(100, -1)),
+        "softcap": dict(softcap=5.0),
+        "alibi": dict(alibi=True),
+        "fp32": dict(dtype=torch.float32),
+        "head dim 32": dict(head_dim=32),
+        "head dim 256": dict(head_dim=256),
+        "32 heads per kv head": dict(heads=32, kv_heads=1),
+    }
+    for what, change in turned_down.items():
+        p = _contiguous_poisoned(build(dataclasses.replace(base, **change), cpu))
+        assert not launch.gluon_problem_supported(p), what
+
+
+def test_gluon_plan_is_off_by_default_and_without_a_hopper_gpu_and_its_knob_is_checked(monkeypatch):
+    launch = _launch()
+    p = _contiguous_poisoned(build(GLUON_SPECS[0], torch.device("cpu")))
+    monkeypatch.delenv("FLASHDECODE_GLUON", raising=False)
+    assert not launch.gluon_enabled()
+    monkeypatch.setenv("FLASHDECODE_GLUON", "1")
+    assert launch.gluon_enabled()
+    assert launch.gluon_plan(p) is None  # a CPU tensor
+    monkeypatch.setenv("FLASHDECODE_GLUON", "yes")
+    with pytest.raises(ValueError, match="FLASHDECODE_GLUON"):
+        launch.gluon_plan(p)
+
+
+@pytest.mark.parametrize("batch, heads, kv_heads, keys, head_dim, plan", [
+    # (block_n, stages, splits) on 132 SMs: the split count of the Triton kernel's contiguous plan,
+    # 2 stages at D=64 and for splits of at most 4 tiles.
+    (1, 32, 8, 32768, 128, (64, 3, 16)),
+    (1, 32, 8, 4096, 128, (64, 2, 16)),
+    (8, 32, 8, 8192, 128, (64, 3, 2)),
+    (64, 9, 3, 2048, 64, (128, 2, 1)),
+    (16, 32, 32, 4096, 128, (64, 3, 4)),
+    (128, 32, 8, 2048, 128, (64, 3, 1)),
+])
+def test_gluon_launch_plan(batch, heads, kv_heads, keys, head_dim, plan):
+    import types
+
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    p = types.SimpleNamespace(
+        q=torch.empty(batch, heads, head_dim, **meta), k_pages=torch.empty(batch, keys, kv_heads, head_dim, **meta),
+        block_table=torch.empty(batch, 1, dtype=torch.int32, device="meta"), batch=batch, page_size=keys,
+        num_splits=0,
+    )
+    got = _launch().gluon_launch_plan(p, 132)
+    assert (got.block_n, got.num_stages, got.splits) == plan

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -41,6 +42,9 @@ ATTENTION_PDL_ENV = "FLASHDECODE_ATTENTION_PDL"
 LATE_ROW_SUM_ENV = "FLASHDECODE_LATE_ROW_SUM"
 ALIGNED_TABLE_ENV = "FLASHDECODE_ALIGNED_TABLE"
 TMA_ENV = "FLASHDECODE_TMA"
+GLUON_ENV = "FLASHDECODE_GLUON"
+# Gluon's API changes between Triton releases; `gluon_decode.py` is written and tested for these.
+GLUON_TRITON_VERSIONS = ("3.6.",)
 # Largest query-rows x keys tile that counts as a decode tile (`decode_sized`), for the variants
 # measured or compiled on decode tiles only. The late row sum keeps that many float32 values, 16
 # registers per thread at 4 warps; prefill tiles (128 x 64) spilled with it (Triton 3.6, sm_90).
@@ -297,12 +301,131 @@ def fuse_append(p: PackedProblem) -> bool:
         and 0 < p.max_seqlen_k_new <= FUSED_APPEND_ROWS and p.q.shape[0] > 0 and fused_append_enabled()
 
 
+@dataclass(frozen=True)
+class GluonPlan:
+    """Launch plan of the Gluon decode kernel (`gluon_decode.py`)."""
+
+    block_n: int
+    num_stages: int
+    splits: int
+
+
+def gluon_problem_supported(p: PackedProblem) -> bool:
+    """Whether `gluon_decode_kernel` covers ``p`` (shapes, dtypes and features only): a contiguous
+    16-bit cache (one page per sequence, pool contiguous and 16-byte aligned, under 2**31 slots),
+    head dim 64 or 128, at most 16 query heads per KV head, one query per sequence, nothing
+    appended, no rotary, window, softcap or ALiBi (a causal mask is no mask for one query)."""
+    q, kc, vc = p.q, p.k_pages, p.v_pages
+    num_pages, page_size, num_kv_heads, head_dim = kc.shape
+    return (
+        p.block_table.shape[1] == 1
+        and p.max_seqlen_q == 1 and q.shape[0] == p.batch
+        and (p.k_new is None or p.k_new.shape[0] == 0)
+        and p.rotary_dim == 0 and p.window_left < 0 and p.window_right in (-1, 0)
+        and p.softcap == 0.0 and p.alibi_slopes is None
+        and q.dtype in (torch.bfloat16, torch.float16) and kc.dtype == q.dtype and vc.dtype == q.dtype
+        and head_dim in (64, 128) and q.shape[1] // num_kv_heads <= 16
+        and kc.is_contiguous() and vc.is_contiguous()
+        and kc.data_ptr() % 16 == 0 and vc.data_ptr() % 16 == 0
+        and num_pages * page_size < 2**31
+    )
+
+
+def gluon_enabled() -> bool:
+    """``FLASHDECODE_GLUON`` (read on every call): ``1`` lets `gluon_plan` take the Gluon decode
+    kernel where it applies; off by default, since it was not faster overall (see `gluon_plan`)."""
+    return env_flag(GLUON_ENV, "0")
+
+
+def gluon_plan(p: PackedProblem) -> GluonPlan | None:
+    """The plan of the Gluon decode kernel (`gluon_decode.py`) for ``p``, or None where the Triton
+    kernel runs: unless `gluon_enabled`, on a GPU other than compute capability 9.x (Hopper's TMA
+    with Ampere-style MMA), with a Triton outside ``GLUON_TRITON_VERSIONS``, and for the problems
+    `gluon_problem_supported` turns down.
+
+    Key tiles as the Triton kernel's (64 keys at D=128, 128 at D=64) and its split count for a
+    contiguous decode grid; 3 pipeline stages, 2 at D=64 and for splits of at most 4 tiles.
+
+    Timed on an H200 (2026-11-28, run 66, the benchmark with the knob off and on, best of 2
+    rounds, µs): faster on the grids of at most one program per SM at D=128 (B=1 L=32768 37.0 ->
+    36.3, B=1 L=131072 125.2 -> 124.6, B=8 L=8192 66.5 -> 65.9), slower elsewhere (B=1 L=4096
+    10.3 -> 10.4, 32,4096 124.3 -> 125.6, MHA 16,4096 247.7 -> 250.4, 64,16384 957.0 -> 975.4,
+    9/3 heads D=64 29.3 -> 30.1, ragged 497.9 -> 500.7). Hence off by default. Its prototype
+    without masked tiles (run 65) had been faster on B=1 L=4096 (9.9 against 10.3) and MHA (240.0
+    against 242.9).
+    """
+    if not gluon_enabled():
+        return None
+    if not (p.q.is_cuda and torch.cuda.get_device_capability(p.q.device)[0] == 9
+            and triton.__version__.startswith(GLUON_TRITON_VERSIONS) and gluon_problem_supported(p)):
+        return None
+    return gluon_launch_plan(p, num_sms(p.q.device))
+
+
+def gluon_launch_plan(p: PackedProblem, sms: int) -> GluonPlan:
+    """Tiles, stages and splits of the Gluon decode kernel for ``p`` on ``sms`` SMs (shapes only)."""
+    head_dim, num_kv_heads = p.k_pages.shape[3], p.k_pages.shape[2]
+    block_n = 128 if head_dim == 64 else 64
+    capacity = p.page_size
+    splits = heuristics.choose_num_splits(
+        p.num_splits, p.batch, num_kv_heads, 1, capacity, block_n, sms,
+        fill_per_sm=heuristics.CONTIGUOUS_PROGRAMS_PER_SM,
+    )
+    short = heuristics.tiles_per_split(capacity, block_n, splits) <= 4
+    return GluonPlan(block_n=block_n, num_stages=2 if head_dim == 64 or short else 3, splits=splits)
+
+
+def _split_buffers(out: torch.Tensor, lse: torch.Tensor, splits: int):
+    """Where the attention kernels write: (o_dst, l_dst, o_strides, l_strides). With splits, float32
+    partials (split, token, head, dim) and log2 LSEs (split, token, head), strides given as (split,
+    head, token); without, ``out`` and ``lse`` themselves with a split stride of 0."""
+    if splits > 1:
+        total_q, num_heads, head_dim = out.shape
+        o_dst = torch.empty((splits, total_q, num_heads, head_dim), device=out.device, dtype=torch.float32)
+        l_dst = torch.empty((splits, total_q, num_heads), device=out.device, dtype=torch.float32)
+        return o_dst, l_dst, o_dst.stride(), (l_dst.stride(0), l_dst.stride(2), l_dst.stride(1))
+    return out, lse, (0, *out.stride()), (0, lse.stride(0), lse.stride(1))
+
+
+def _combine(o_dst: torch.Tensor, l_dst: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, splits: int,
+             pdl: bool) -> None:
+    """Merge the splits' partial results into ``out`` and ``lse`` (nothing to do for one split)."""
+    if splits <= 1:
+        return
+    total_q, num_heads, head_dim = out.shape
+    d_p2 = heuristics.padded_head_dim(head_dim)
+    splits_p2 = max(2, heuristics.next_pow2(splits))
+    combine_splits_kernel[(total_q, num_heads)](
+        o_dst, l_dst, out, lse, splits,
+        o_dst.stride(0), o_dst.stride(1), o_dst.stride(2),
+        l_dst.stride(0), l_dst.stride(1), l_dst.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        HEAD_DIM=head_dim,
+        HEAD_DIM_P2=d_p2,
+        SPLITS_P2=splits_p2,
+        SPLIT_CHUNK=min(splits_p2, max(1, COMBINE_TILE_ELEMENTS // d_p2)),
+        USE_PDL=pdl,
+        num_warps=4,
+        **({"launch_pdl": True} if pdl else {}),
+    )
+
+
 def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bool = False) -> None:
     """Split-KV attention over the cache; writes ``out`` and ``lse``. With ``append`` (see
     `fuse_append`) the kernel also writes the new keys/values into the cache; otherwise they must
     be there already (`append_kv`)."""
     total_q, num_heads, head_dim = p.q.shape
     if total_q == 0:
+        return
+    gluon = None if append else gluon_plan(p)
+    if gluon is not None:
+        from flashdecode.attention.kernels import gluon_decode  # Gluon loads only where it runs
+
+        o_dst, l_dst, o_strides, l_strides = _split_buffers(out, lse, gluon.splits)
+        gluon_decode.launch(p, o_dst, l_dst, o_strides, l_strides, gluon.block_n, gluon.num_stages, gluon.splits,
+                            p.softmax_scale * LOG2E)
+        _combine(o_dst, l_dst, out, lse, gluon.splits, attention_pdl(p.q.device))
         return
     num_pages, page_size, num_kv_heads, _ = p.k_pages.shape
     group = num_heads // num_kv_heads
@@ -317,15 +440,7 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bo
     else:
         qk_scale, softcap_log2 = p.softmax_scale * LOG2E, 0.0
 
-    if splits > 1:
-        o_dst = torch.empty((splits, total_q, num_heads, head_dim), device=q.device, dtype=torch.float32)
-        l_dst = torch.empty((splits, total_q, num_heads), device=q.device, dtype=torch.float32)
-        o_strides = o_dst.stride()
-        l_strides = (l_dst.stride(0), l_dst.stride(2), l_dst.stride(1))  # (split, head, token)
-    else:
-        o_dst, l_dst = out, lse
-        o_strides = (0, *out.stride())
-        l_strides = (0, lse.stride(0), lse.stride(1))
+    o_dst, l_dst, o_strides, l_strides = _split_buffers(out, lse, splits)
 
     kn, vn = (p.k_new, p.v_new) if append else (q, q)
     pdl = attention_pdl(q.device)
@@ -378,22 +493,7 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bo
         num_stages=cfg.num_stages,
         **pdl_launch,
     )
-    if splits > 1:
-        splits_p2 = max(2, heuristics.next_pow2(splits))
-        combine_splits_kernel[(total_q, num_heads)](
-            o_dst, l_dst, out, lse, splits,
-            o_dst.stride(0), o_dst.stride(1), o_dst.stride(2),
-            l_dst.stride(0), l_dst.stride(1), l_dst.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            lse.stride(0), lse.stride(1),
-            HEAD_DIM=head_dim,
-            HEAD_DIM_P2=d_p2,
-            SPLITS_P2=splits_p2,
-            SPLIT_CHUNK=min(splits_p2, max(1, COMBINE_TILE_ELEMENTS // d_p2)),
-            USE_PDL=pdl,
-            num_warps=4,
-            **pdl_launch,
-        )
+    _combine(o_dst, l_dst, out, lse, splits, pdl)
 
 
 def triton_forward(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor) -> None:

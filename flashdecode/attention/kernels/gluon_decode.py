@@ -1,0 +1,220 @@
+"""Decode attention over a contiguous cache as a Gluon kernel (Hopper): an alternative to
+`attention_split_kernel` for the calls `launch.gluon_plan` accepts (one query per sequence, no
+append, no window, softcap or ALiBi), with ``FLASHDECODE_GLUON=1``; off by default (the
+measurements are at `launch.gluon_plan`).
+
+Gluon is Triton's lower-level dialect: layouts, shared memory and barriers are written out
+instead of chosen by the compiler. Two choices make it differ from `attention_split_kernel`:
+
+* Every warp computes the whole score tile (the query rows, at most 16, fill one MMA tile, and
+  the score layout repeats it over the warps), so the row max, the probabilities and their
+  conversion into the next product's operand never leave a warp. The value product splits the
+  head dim over the warps. Compiled by Triton 3.6 for sm_90 (D=128, 64-key tiles) the key loop has
+  no shared-memory round trip and 4 CTA barriers (those Gluon puts around the TMA issue), where
+  the Triton kernel has 7; it issues 80 tensor-core instructions per tile instead of 32.
+* K/V tiles arrive by TMA into a ring of ``STAGES`` buffers, each with an mbarrier; a CTA barrier
+  at the top of each iteration lets the ring reuse the buffer of the tile before.
+
+Tiles that reach outside the sequence's keys (before its left padding, past its end) mask their
+scores and zero their values, which they load through registers so that NaN in unused slots
+cannot reach the result. Not usable in the Triton interpreter: the CPU tests cover the plan, the
+GPU tests compare it with the float64 brute force.
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+
+from flashdecode.attention.kernels.constants import LN2
+
+
+@gluon.jit
+def _attend_tile(q, k_tile, v_tile, acc, l_i, m_i, start, lo, hi, qk_scale,
+                 s_layout: gl.constexpr, o_layout: gl.constexpr, kb_layout: gl.constexpr,
+                 vb_layout: gl.constexpr, pa_layout: gl.constexpr, v_ld_layout: gl.constexpr,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, MASKED: gl.constexpr):
+    """Online-softmax update with the key tile at slot ``start`` (in shared memory); with
+    ``MASKED`` only the slots in ``[lo, hi)`` count."""
+    k = k_tile.permute((1, 0)).load(kb_layout)
+    s = mma_v2(q, k, gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)) * qk_scale
+    if MASKED:
+        cols = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        s = gl.where(((cols >= lo) & (cols < hi))[None, :], s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1))
+    if MASKED:
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: no inf - inf
+    else:
+        m_use = m_new
+    p = gl.exp2(s - m_use[:, None])
+    alpha = gl.exp2(m_i - m_use)
+    l_i = l_i * alpha[:, None] + p  # per key column; summed once after the loop
+    if MASKED:
+        rows = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, v_ld_layout))
+        v = v_tile.load(v_ld_layout)
+        v = gl.where(((rows >= lo) & (rows < hi))[:, None], v, gl.zeros_like(v))
+        v = gl.convert_layout(v, vb_layout)
+    else:
+        v = v_tile.load(vb_layout)
+    p_a = gl.convert_layout(p.to(v.dtype), pa_layout)
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    acc = mma_v2(p_a, v, acc)
+    return acc, l_i, m_new
+
+
+@gluon.jit
+def _next_tile(i, n_tiles, row0, col0, K_DESC, V_DESC, k_smem, v_smem, bars, STAGES: gl.constexpr,
+               BLOCK_N: gl.constexpr, tile_bytes: gl.constexpr):
+    """Ring step of key tile ``i``: once every warp is done with tile i - 1, its buffer takes the
+    copy of tile i + STAGES - 1; then wait for tile i. Returns tile i's buffer."""
+    gl.thread_barrier()
+    ahead = i + STAGES - 1
+    slot_a = ahead % STAGES
+    mbarrier.expect(bars.index(slot_a), tile_bytes, pred=ahead < n_tiles)
+    tma.async_copy_global_to_shared(K_DESC, [row0 + ahead * BLOCK_N, col0], bars.index(slot_a), k_smem.index(slot_a),
+                                    pred=ahead < n_tiles)
+    tma.async_copy_global_to_shared(V_DESC, [row0 + ahead * BLOCK_N, col0], bars.index(slot_a), v_smem.index(slot_a),
+                                    pred=ahead < n_tiles)
+    slot = i % STAGES
+    mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
+    return slot
+
+
+@gluon.jit
+def gluon_decode_kernel(
+    Q, K_DESC, V_DESC, CACHE_SEQLENS, CACHE_LEFTPAD, BLOCK_TABLE, OUT, LSE,
+    num_pages, page_size, qk_scale,
+    stride_qt, stride_qh, stride_bt,
+    stride_os, stride_ot, stride_oh, stride_od,
+    stride_ls, stride_lh, stride_lt,
+    GROUP: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr, SPLIT: gl.constexpr,
+):
+    """Grid (KV heads, batch, splits). Sequence b's one query is token b; its keys are slots
+    ``[max(leftpad, 0), min(cache_seqlens, page_size))`` of its page (the block table's one
+    entry, clamped into the pool). Writes what `attention_split_kernel` writes: with ``SPLIT``
+    the normalised partial output and its log2 LSE (-inf: no key), else the output and its
+    natural-log LSE (+inf and zeros: no key)."""
+    NW: gl.constexpr = gl.num_warps()
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW], instr_shape=[16, 8])
+    qa_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
+    kb_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=s_layout, k_width=2)
+    pa_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    vb_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=o_layout, k_width=2)
+    ld_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16],
+                                               warps_per_cta=[NW, 1], order=[1, 0])
+
+    hk = gl.program_id(0)
+    b = gl.program_id(1)
+    split = gl.program_id(2)
+    num_splits = gl.num_programs(2)
+
+    # This split's keys, in whole tiles aligned to absolute slots (as attention_split_kernel deals them).
+    lo = gl.maximum(gl.load(CACHE_LEFTPAD + b), 0)
+    hi = gl.maximum(gl.minimum(gl.load(CACHE_SEQLENS + b), page_size), lo)
+    first = (lo // BLOCK_N) * BLOCK_N
+    per_split = gl.cdiv(gl.cdiv(hi - first, BLOCK_N), num_splits)
+    s_lo = gl.minimum(first + split * per_split * BLOCK_N, hi)
+    s_hi = gl.minimum(s_lo + per_split * BLOCK_N, hi)
+    n_tiles = gl.cdiv(s_hi - s_lo, BLOCK_N)
+    page = gl.minimum(gl.load(BLOCK_TABLE + b.to(gl.int64) * stride_bt).to(gl.uint32), num_pages - 1).to(gl.int32)
+    row0 = page * page_size + s_lo
+    col0 = hk * HEAD_DIM
+
+    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout))
+    dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld_layout))
+    q_ok = rows < GROUP
+    q_head = hk * GROUP + gl.where(q_ok, rows, 0)
+    q = gl.load(Q + b.to(gl.int64) * stride_qt + q_head[:, None] * stride_qh + dims[None, :], mask=q_ok[:, None],
+                other=0.0)
+    q = gl.convert_layout(q, qa_layout)
+
+    k_smem = gl.allocate_shared_memory(K_DESC.dtype, [STAGES, BLOCK_N, HEAD_DIM], K_DESC.layout)
+    v_smem = gl.allocate_shared_memory(V_DESC.dtype, [STAGES, BLOCK_N, HEAD_DIM], V_DESC.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(bars.index(s), count=1)
+    fence_async_shared()
+    tile_bytes: gl.constexpr = 2 * BLOCK_N * HEAD_DIM * K_DESC.dtype.primitive_bitwidth // 8
+    for s in gl.static_range(STAGES - 1):
+        mbarrier.expect(bars.index(s), tile_bytes, pred=s < n_tiles)
+        tma.async_copy_global_to_shared(K_DESC, [row0 + s * BLOCK_N, col0], bars.index(s), k_smem.index(s),
+                                        pred=s < n_tiles)
+        tma.async_copy_global_to_shared(V_DESC, [row0 + s * BLOCK_N, col0], bars.index(s), v_smem.index(s),
+                                        pred=s < n_tiles)
+
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+    l_i = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+    # Three runs of tiles, each its own loop so that the masked code does not weigh on the
+    # registers of the unmasked one: a first tile that starts before the keys, the tiles inside
+    # them, a last tile that ends past them.
+    n_head = gl.minimum((s_lo < lo).to(gl.int32), n_tiles)
+    n_tail = gl.minimum((s_lo + n_tiles * BLOCK_N > hi).to(gl.int32), n_tiles - n_head)
+    for i in range(0, n_head):
+        slot = _next_tile(i, n_tiles, row0, col0, K_DESC, V_DESC, k_smem, v_smem, bars, STAGES, BLOCK_N, tile_bytes)
+        acc, l_i, m_i = _attend_tile(q, k_smem.index(slot), v_smem.index(slot), acc, l_i, m_i, s_lo + i * BLOCK_N,
+                                     lo, hi, qk_scale, s_layout, o_layout, kb_layout, vb_layout, pa_layout, ld_layout,
+                                     BLOCK_M, BLOCK_N, True)
+    for i in range(n_head, n_tiles - n_tail):
+        slot = _next_tile(i, n_tiles, row0, col0, K_DESC, V_DESC, k_smem, v_smem, bars, STAGES, BLOCK_N, tile_bytes)
+        acc, l_i, m_i = _attend_tile(q, k_smem.index(slot), v_smem.index(slot), acc, l_i, m_i, s_lo + i * BLOCK_N,
+                                     lo, hi, qk_scale, s_layout, o_layout, kb_layout, vb_layout, pa_layout, ld_layout,
+                                     BLOCK_M, BLOCK_N, False)
+    for i in range(n_tiles - n_tail, n_tiles):
+        slot = _next_tile(i, n_tiles, row0, col0, K_DESC, V_DESC, k_smem, v_smem, bars, STAGES, BLOCK_N, tile_bytes)
+        acc, l_i, m_i = _attend_tile(q, k_smem.index(slot), v_smem.index(slot), acc, l_i, m_i, s_lo + i * BLOCK_N,
+                                     lo, hi, qk_scale, s_layout, o_layout, kb_layout, vb_layout, pa_layout, ld_layout,
+                                     BLOCK_M, BLOCK_N, True)
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(s))
+
+    l_sum = gl.convert_layout(gl.sum(l_i, 1), gl.SliceLayout(1, o_layout))
+    m_o = gl.convert_layout(m_i, gl.SliceLayout(1, o_layout))
+    has_key = l_sum > 0.0
+    l_safe = gl.where(has_key, l_sum, 1.0)
+    out = acc / l_safe[:, None]
+    lse2 = m_o + gl.log2(l_safe)
+    o_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+    o_dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    o_ok = o_rows < GROUP
+    o_head = hk * GROUP + gl.where(o_ok, o_rows, 0)
+    o_ptr = OUT + split.to(gl.int64) * stride_os + b.to(gl.int64) * stride_ot + o_head[:, None] * stride_oh \
+        + o_dims[None, :] * stride_od
+    l_ptr = LSE + split.to(gl.int64) * stride_ls + o_head * stride_lh + b.to(gl.int64) * stride_lt
+    if SPLIT:
+        gl.store(o_ptr, out, mask=o_ok[:, None])
+        gl.store(l_ptr, gl.where(has_key, lse2, float("-inf")), mask=o_ok)
+    else:
+        gl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=o_ok[:, None])
+        gl.store(l_ptr, gl.where(has_key, lse2 * LN2, float("inf")), mask=o_ok)
+
+
+def launch(p, o_dst, l_dst, o_strides: tuple[int, ...], l_strides: tuple[int, int, int], block_n: int,
+           num_stages: int, splits: int, qk_scale: float) -> None:
+    """Run `gluon_decode_kernel` on ``p`` (a `PackedProblem` that `launch.gluon_plan` accepted).
+
+    ``o_dst``/``l_dst`` and their strides are those of `launch.attention`: (split, token, head,
+    dim) and (split, head, token), the split stride 0 without a split."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    q, kc, vc = p.q, p.k_pages, p.v_pages
+    num_pages, page_size, num_kv_heads, head_dim = kc.shape
+    rows, cols = num_pages * page_size, num_kv_heads * head_dim
+    element = gl.bfloat16 if kc.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for([block_n, head_dim], element)
+    k_desc = TensorDescriptor(kc.view(rows, cols), [rows, cols], [cols, 1], [block_n, head_dim], layout)
+    v_desc = TensorDescriptor(vc.view(rows, cols), [rows, cols], [cols, 1], [block_n, head_dim], layout)
+    gluon_decode_kernel[(num_kv_heads, p.batch, splits)](
+        q, k_desc, v_desc, p.cache_seqlens, p.cache_leftpad, p.block_table, o_dst, l_dst,
+        num_pages, page_size, qk_scale,
+        q.stride(0), q.stride(1), p.block_table.stride(0),
+        o_strides[0], o_strides[1], o_strides[2], o_strides[3],
+        l_strides[0], l_strides[1], l_strides[2],
+        GROUP=q.shape[1] // num_kv_heads, BLOCK_M=16, HEAD_DIM=head_dim, BLOCK_N=block_n, STAGES=num_stages,
+        SPLIT=splits > 1, num_warps=4,
+    )

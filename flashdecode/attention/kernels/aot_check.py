@@ -8,7 +8,9 @@ of asynchronous copies (0 would mean the K/V loads are not pipelined), how many 
 copy 16 bytes, the registers and stack bytes (spills) per thread, and ``key_loop``: the SASS
 instructions of the shortest loop with tensor-core instructions (HMMA, HGMMA), which for the attention
 kernel is its unmasked key loop. Run it with ``TRITON_INTERPRET`` unset; name variants to compile
-only those. Exit status 1 if any variant fails to compile.
+only those. Exit status 1 if any variant fails to compile. The Gluon kernel's variants (``gluon-*``)
+compile only with the Triton versions it is written for (``GLUON_TRITON_VERSIONS``) and are
+reported as skipped with any other; they load K/V by TMA, so their ``async_copies`` is 0.
 
 The installed Triton compiles. The GPU machine's version can differ (Triton 3.6 there in
 2026-11): `pip install triton==3.6.0` into a separate environment without torch, and run there
@@ -91,10 +93,15 @@ ATTENTION_VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def _compile(kernel: Any, ptr_types: dict[str, str], consts: dict[str, Any], float_args: tuple[str, ...] = (),
-             num_warps: int = 4, num_stages: int = 1, arch: int = 90) -> Any:
+             num_warps: int = 4, num_stages: int = 1, arch: int = 90, gluon: bool = False) -> Any:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    if gluon:
+        from triton.experimental.gluon._runtime import GluonASTSource as source_cls
+    else:
+        source_cls = ASTSource
 
     params = list(inspect.signature(kernel.fn).parameters)
     consts = {k: v for k, v in consts.items() if k in params}
@@ -108,7 +115,8 @@ def _compile(kernel: Any, ptr_types: dict[str, str], consts: dict[str, Any], flo
             continue  # a TMA descriptor: no divisibility hint
         if name in ptr_types or name.startswith("stride"):
             attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=kernel, signature=sig, constexprs={(params.index(k),): v for k, v in consts.items()}, attrs=attrs)
+    src = source_cls(fn=kernel, signature=sig, constexprs={(params.index(k),): v for k, v in consts.items()},
+                     attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
@@ -208,6 +216,30 @@ def attention_variant(**kw: Any) -> Any:
     return _compile(attention_split_kernel, ptrs, consts, ("qk_scale", "softcap_log2"), num_warps, num_stages)
 
 
+# The Gluon decode kernel (`gluon_decode.py`, FLASHDECODE_GLUON=1) as `launch.gluon_plan` plans it.
+GLUON_VARIANTS: dict[str, dict[str, Any]] = {
+    "gluon-decode-d128-split": dict(GROUP=4, HEAD_DIM=128, BLOCK_N=64, STAGES=3, SPLIT=True),
+    "gluon-decode-d64": dict(GROUP=3, HEAD_DIM=64, BLOCK_N=128, STAGES=2, SPLIT=False),
+    "gluon-decode-mha-batch-1": dict(GROUP=1, HEAD_DIM=128, BLOCK_N=64, STAGES=3, SPLIT=False, num_pages=1),
+}
+
+
+def gluon_variant(**kw: Any) -> Any:
+    """Compile `gluon_decode_kernel` (bf16) with the constants ``kw``; its K/V descriptors get the
+    shared layout the launcher gives them."""
+    from triton.experimental.gluon.language import NVMMASharedLayout, bfloat16
+
+    from flashdecode.attention.kernels.gluon_decode import gluon_decode_kernel
+
+    consts: dict[str, Any] = dict(BLOCK_M=16, stride_od=1)
+    consts.update(kw)
+    layout = NVMMASharedLayout.get_default_for([consts["BLOCK_N"], consts["HEAD_DIM"]], bfloat16)
+    desc = f"tensordesc<bf16[{consts['BLOCK_N']},{consts['HEAD_DIM']}],{layout!r}>"
+    ptrs = dict(Q="*bf16", K_DESC=desc, V_DESC=desc, CACHE_SEQLENS="*i32", CACHE_LEFTPAD="*i32", BLOCK_TABLE="*i32",
+                OUT="*fp32" if consts["SPLIT"] else "*bf16", LSE="*fp32")
+    return _compile(gluon_decode_kernel, ptrs, consts, ("qk_scale",), gluon=True)
+
+
 def main() -> int:
     from flashdecode.attention.kernels.append import append_kv_kernel
     from flashdecode.attention.kernels.combine import combine_splits_kernel
@@ -246,10 +278,21 @@ def main() -> int:
     ):
         jobs[name] = lambda c=consts, w=warps: _compile(gemv_kernel, gemv_ptrs, dict(c, HAS_BIAS=False, USE_PDL=True),
                                                         ("eps",), w)
+    import triton
+
+    from flashdecode.attention.kernels.constants import GLUON_TRITON_VERSIONS
+
+    gluon_ok = triton.__version__.startswith(GLUON_TRITON_VERSIONS)
+    for name, kw in GLUON_VARIANTS.items():
+        jobs[name] = (lambda kw=kw: gluon_variant(**dict(kw))) if gluon_ok else None
     only = sys.argv[1:]
     failed = 0
     for name, job in jobs.items():
         if only and name not in only:
+            continue
+        if job is None:
+            print(f"skip  {name:24s} written for Triton {' / '.join(GLUON_TRITON_VERSIONS)}x, not {triton.__version__}",
+                  flush=True)
             continue
         try:
             print(f"ok    {name:24s} {_summary(job())}", flush=True)

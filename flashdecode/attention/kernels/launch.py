@@ -33,6 +33,7 @@ from flashdecode.attention import heuristics
 from flashdecode.attention.kernels.append import append_kv_kernel
 from flashdecode.attention.kernels.attention import attention_split_kernel
 from flashdecode.attention.kernels.combine import combine_splits_kernel
+from flashdecode.attention.kernels.constants import GLUON_TRITON_VERSIONS
 from flashdecode.attention.problem import PackedProblem
 
 LOG2E = math.log2(math.e)
@@ -43,8 +44,6 @@ LATE_ROW_SUM_ENV = "FLASHDECODE_LATE_ROW_SUM"
 ALIGNED_TABLE_ENV = "FLASHDECODE_ALIGNED_TABLE"
 TMA_ENV = "FLASHDECODE_TMA"
 GLUON_ENV = "FLASHDECODE_GLUON"
-# Gluon's API changes between Triton releases; `gluon_decode.py` is written and tested for these.
-GLUON_TRITON_VERSIONS = ("3.6.",)
 # Largest query-rows x keys tile that counts as a decode tile (`decode_sized`), for the variants
 # measured or compiled on decode tiles only. The late row sum keeps that many float32 values, 16
 # registers per thread at 4 warps; prefill tiles (128 x 64) spilled with it (Triton 3.6, sm_90).

@@ -15,8 +15,9 @@ the block table per key slot, ``page`` once per page (see ``heuristics.gather_pa
 the same addresses and run the same floating-point code (bit-identical in the interpreter tests);
 the knob exists to A/B their speed on a GPU
 (``python scripts/tune_decode.py --paged-variants``). The on/off knobs ``FLASHDECODE_FUSED_APPEND``,
-``FLASHDECODE_ATTENTION_PDL``, ``FLASHDECODE_LATE_ROW_SUM``, ``FLASHDECODE_ALIGNED_TABLE`` and
-``FLASHDECODE_TMA`` are described at the functions that read them.
+``FLASHDECODE_ATTENTION_PDL``, ``FLASHDECODE_LATE_ROW_SUM``, ``FLASHDECODE_ALIGNED_TABLE``,
+``FLASHDECODE_TMA`` and ``FLASHDECODE_GLUON`` (the Gluon decode kernel, off by default) are
+described at the functions that read them.
 """
 
 from __future__ import annotations

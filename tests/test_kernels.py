@@ -1154,7 +1154,7 @@ def test_gluon_decode_matches_brute_force(spec, device, monkeypatch):
     monkeypatch.setenv("FLASHDECODE_GLUON", "1")
     calls = []
     real = gluon_decode.launch
-    monkeypatch.setattr(gluon_decode, "launch", lambda *a, **k: (calls.append(a[-2:]), real(*a, **k))[1])
+    monkeypatch.setattr(gluon_decode, "launch", lambda *a, **k: (calls.append(a), real(*a, **k))[1])
     p = _contiguous_poisoned(build(spec, device, seed=17))
     assert _launch().gluon_problem_supported(p)
     want_out, want_lse, _, _ = brute_force(p)

@@ -167,6 +167,16 @@ def aligned_table(max_pages: int, block_n: int, gather_page: int) -> bool:
             and max_pages % (block_n // gather_page) == 0)
 
 
+def descriptor_pools(k_pages: torch.Tensor, v_pages: torch.Tensor) -> bool:
+    """Whether TMA tensor descriptors can view both pools as (slots, heads x dim): one 16-bit
+    dtype, contiguous, 16-byte aligned, fewer than 2**31 slots (TMA coordinates are int32)."""
+    num_pages, page_size = k_pages.shape[:2]
+    return (k_pages.dtype in (torch.bfloat16, torch.float16) and v_pages.dtype == k_pages.dtype
+            and k_pages.is_contiguous() and v_pages.is_contiguous()
+            and k_pages.data_ptr() % 16 == 0 and v_pages.data_ptr() % 16 == 0
+            and num_pages * page_size < 2**31)
+
+
 def kv_descriptors(p: PackedProblem, block_n: int) -> tuple[object, object] | None:
     """Tensor descriptors of the K and V caches for the kernel's ``TMA_KV`` path, or None for the
     pointer path. On unless ``FLASHDECODE_TMA=0`` (read on every call).
@@ -206,11 +216,8 @@ def kv_descriptors(p: PackedProblem, block_n: int) -> tuple[object, object] | No
         return None
     eligible = (
         (p.block_table.shape[1] == 1 or page_size % block_n == 0)
-        and kc.dtype in (torch.bfloat16, torch.float16) and vc.dtype == kc.dtype
         and head_dim == heuristics.padded_head_dim(head_dim)
-        and kc.is_contiguous() and vc.is_contiguous()
-        and num_pages * page_size < 2**31
-        and kc.data_ptr() % 16 == 0 and vc.data_ptr() % 16 == 0
+        and descriptor_pools(kc, vc)
     )
     if not eligible:
         return None
@@ -315,19 +322,16 @@ def gluon_problem_supported(p: PackedProblem) -> bool:
     16-bit cache (one page per sequence, pool contiguous and 16-byte aligned, under 2**31 slots),
     head dim 64 or 128, at most 16 query heads per KV head, one query per sequence, nothing
     appended, no rotary, window, softcap or ALiBi (a causal mask is no mask for one query)."""
-    q, kc, vc = p.q, p.k_pages, p.v_pages
-    num_pages, page_size, num_kv_heads, head_dim = kc.shape
+    q, kc = p.q, p.k_pages
+    _, _, num_kv_heads, head_dim = kc.shape
     return (
         p.block_table.shape[1] == 1
         and p.max_seqlen_q == 1 and q.shape[0] == p.batch
         and (p.k_new is None or p.k_new.shape[0] == 0)
         and p.rotary_dim == 0 and p.window_left < 0 and p.window_right in (-1, 0)
         and p.softcap == 0.0 and p.alibi_slopes is None
-        and q.dtype in (torch.bfloat16, torch.float16) and kc.dtype == q.dtype and vc.dtype == q.dtype
+        and descriptor_pools(kc, p.v_pages) and q.dtype == kc.dtype
         and head_dim in (64, 128) and q.shape[1] // num_kv_heads <= 16
-        and kc.is_contiguous() and vc.is_contiguous()
-        and kc.data_ptr() % 16 == 0 and vc.data_ptr() % 16 == 0
-        and num_pages * page_size < 2**31
     )
 
 

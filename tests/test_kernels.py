@@ -1114,9 +1114,9 @@ def test_kernels_compile_for_sm90_without_a_gpu():
             assert fields.get("stack", "0") == "0", line
 
 
-# ---- the Gluon decode kernel (Hopper, contiguous caches) --------------------------------------
+# ---- the Gluon decode kernel (Hopper) ------------------------------------------------------------
 
-# Plain decode over contiguous caches, which `launch.gluon_problem_supported` accepts: lengths that
+# Plain decode, which `launch.gluon_problem_supported` accepts: lengths that
 # end inside a tile, empty sequences, left padding, GQA / 9-3 / MHA / 16:1 groups, capacities that
 # are not a multiple of the key tile, one sequence in a pool of one page (a constant in the kernel).
 GLUON_SPECS = [
@@ -1129,6 +1129,16 @@ GLUON_SPECS = [
          head_dim=128, dtype=torch.bfloat16, page_size=320, contiguous=True, splits=(1, 0, 4)),
     Spec("gluon-one-sequence-group16", q_lens=(1,), cache_lens=(517,), new_lens=(0,), heads=16, kv_heads=1,
          head_dim=128, dtype=torch.bfloat16, page_size=600, contiguous=True, extra_pages=0, splits=(1, 0, 3)),
+    # Paged caches: 16-slot pages (four TMA boxes per 64-key tile), a table of 45 pages (720
+    # slots, no multiple of the tile), left padding; 32-slot pages at D=64 (four boxes per
+    # 128-key tile); pages of two whole tiles.
+    Spec("gluon-paged16-gqa-leftpad", q_lens=(1, 1, 1, 1), cache_lens=(720, 0, 64, 333), new_lens=(0, 0, 0, 0),
+         heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16, page_size=16, max_pages=45,
+         leftpad=(0, 0, 5, 70), causal=True, splits=(1, 0, 3, 7)),
+    Spec("gluon-paged32-9-3-d64-fp16", q_lens=(1, 1, 1), cache_lens=(1000, 1, 129), new_lens=(0, 0, 0), heads=9,
+         kv_heads=3, head_dim=64, dtype=torch.float16, page_size=32, max_pages=33, splits=(1, 0, 2, 5)),
+    Spec("gluon-paged128-mha", q_lens=(1, 1), cache_lens=(500, 65), new_lens=(0, 0), heads=4, kv_heads=4,
+         head_dim=128, dtype=torch.bfloat16, page_size=128, max_pages=4, splits=(1, 0, 4)),
 ]
 
 
@@ -1168,16 +1178,18 @@ def test_gluon_decode_matches_brute_force(spec, device, monkeypatch):
     assert len(calls) == (len(spec.splits) if _gluon_expected(device) else 0)
 
 
-def test_gluon_problem_supported_takes_plain_contiguous_decode_only():
+def test_gluon_problem_supported_takes_plain_decode_only():
     """Every feature the Gluon kernel leaves out sends the call to the Triton kernel."""
     launch = _launch()
     cpu = torch.device("cpu")
     base = GLUON_SPECS[0]
-    assert launch.gluon_problem_supported(_contiguous_poisoned(build(base, cpu)))
-    assert launch.gluon_problem_supported(_contiguous_poisoned(build(GLUON_SPECS[1], cpu)))
+    for spec in GLUON_SPECS:
+        assert launch.gluon_problem_supported(_contiguous_poisoned(build(spec, cpu))), spec.name
     assert not launch.gluon_problem_supported(build(base, cpu))  # pools are views of wider rows
     turned_down = {
-        "paged": dict(contiguous=False, page_size=64, max_pages=16),
+        "pages of 8 slots": dict(contiguous=False, page_size=8, max_pages=128),
+        "pages of 48 slots": dict(contiguous=False, page_size=48, max_pages=21),
+        "pages of 96 slots": dict(contiguous=False, page_size=96, max_pages=11),
         "two queries": dict(q_lens=(2, 1, 1, 1)),
         "append": dict(new_lens=(1, 1, 1, 1), causal=True),
         "window": dict(window=(100, -1)),
@@ -1215,14 +1227,20 @@ def test_gluon_plan_is_off_by_default_and_without_a_hopper_gpu_and_its_knob_is_c
     (64, 9, 3, 2048, 64, (128, 2, 1)),
     (16, 32, 32, 4096, 128, (64, 3, 4)),
     (128, 32, 8, 2048, 128, (64, 3, 1)),
+    # A paged cache (pages of 16 slots) gets the plan of the contiguous one.
+    (1, 32, 8, -32768, 128, (64, 3, 16)),
+    (64, 9, 3, -2048, 64, (128, 2, 1)),
 ])
 def test_gluon_launch_plan(batch, heads, kv_heads, keys, head_dim, plan):
+    """``keys`` < 0: that many slots per sequence in pages of 16."""
     import types
 
     meta = dict(device="meta", dtype=torch.bfloat16)
+    page_size, width = (keys, 1) if keys > 0 else (16, -keys // 16)
     p = types.SimpleNamespace(
-        q=torch.empty(batch, heads, head_dim, **meta), k_pages=torch.empty(batch, keys, kv_heads, head_dim, **meta),
-        block_table=torch.empty(batch, 1, dtype=torch.int32, device="meta"), batch=batch, page_size=keys,
+        q=torch.empty(batch, heads, head_dim, **meta),
+        k_pages=torch.empty(batch * width, page_size, kv_heads, head_dim, **meta),
+        block_table=torch.empty(batch, width, dtype=torch.int32, device="meta"), batch=batch, page_size=page_size,
         num_splits=0,
     )
     got = _launch().gluon_launch_plan(p, 132)

@@ -93,7 +93,8 @@ ATTENTION_VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def _compile(kernel: Any, ptr_types: dict[str, str], consts: dict[str, Any], float_args: tuple[str, ...] = (),
-             num_warps: int = 4, num_stages: int = 1, arch: int = 90, gluon: bool = False) -> Any:
+             num_warps: int = 4, num_stages: int = 1, arch: int = 90, gluon: bool = False,
+             maxnreg: int | None = None) -> Any:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -117,7 +118,10 @@ def _compile(kernel: Any, ptr_types: dict[str, str], consts: dict[str, Any], flo
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = source_cls(fn=kernel, signature=sig, constexprs={(params.index(k),): v for k, v in consts.items()},
                      attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    options: dict[str, Any] = dict(num_warps=num_warps, num_stages=num_stages)
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def _resources(ck: Any) -> str:
@@ -218,26 +222,29 @@ def attention_variant(**kw: Any) -> Any:
 
 # The Gluon decode kernel (`gluon_decode.py`, FLASHDECODE_GLUON=1) as `launch.gluon_plan` plans it.
 GLUON_VARIANTS: dict[str, dict[str, Any]] = {
-    "gluon-decode-d128-split": dict(GROUP=4, HEAD_DIM=128, BLOCK_N=64, STAGES=3, SPLIT=True),
-    "gluon-decode-d64": dict(GROUP=3, HEAD_DIM=64, BLOCK_N=128, STAGES=2, SPLIT=False),
-    "gluon-decode-mha-batch-1": dict(GROUP=1, HEAD_DIM=128, BLOCK_N=64, STAGES=3, SPLIT=False, num_pages=1),
+    "gluon-decode-d128-split": dict(GROUP=4, HEAD_DIM=128, BLOCK_N=64, BOX_N=64, STAGES=3, SPLIT=True),
+    "gluon-decode-d64": dict(GROUP=3, HEAD_DIM=64, BLOCK_N=128, BOX_N=128, STAGES=2, SPLIT=False),
+    "gluon-decode-mha-batch-1": dict(GROUP=1, HEAD_DIM=128, BLOCK_N=64, BOX_N=64, STAGES=3, SPLIT=False, num_pages=1),
+    # A paged cache of 16-slot pages: one TMA box per page.
+    "gluon-decode-page16-split": dict(GROUP=4, HEAD_DIM=128, BLOCK_N=64, BOX_N=16, STAGES=3, SPLIT=True),
+    "gluon-decode-page16-d64": dict(GROUP=3, HEAD_DIM=64, BLOCK_N=128, BOX_N=16, STAGES=2, SPLIT=False),
 }
 
 
 def gluon_variant(**kw: Any) -> Any:
     """Compile `gluon_decode_kernel` (bf16) with the constants ``kw``; its K/V descriptors get the
-    shared layout the launcher gives them."""
+    shared layout and box the launcher gives them."""
     from triton.experimental.gluon.language import NVMMASharedLayout, bfloat16
 
-    from flashdecode.attention.kernels.gluon_decode import gluon_decode_kernel
+    from flashdecode.attention.kernels.gluon_decode import LOAD_PARTITION_REGS, MAX_REGISTERS, gluon_decode_kernel
 
-    consts: dict[str, Any] = dict(BLOCK_M=16, stride_od=1)
+    consts: dict[str, Any] = dict(BLOCK_M=16, stride_od=1, LOAD_REGS=LOAD_PARTITION_REGS)
     consts.update(kw)
     layout = NVMMASharedLayout.get_default_for([consts["BLOCK_N"], consts["HEAD_DIM"]], bfloat16)
-    desc = f"tensordesc<bf16[{consts['BLOCK_N']},{consts['HEAD_DIM']}],{layout!r}>"
+    desc = f"tensordesc<bf16[{consts['BOX_N']},{consts['HEAD_DIM']}],{layout!r}>"
     ptrs = dict(Q="*bf16", K_DESC=desc, V_DESC=desc, CACHE_SEQLENS="*i32", CACHE_LEFTPAD="*i32", BLOCK_TABLE="*i32",
                 OUT="*fp32" if consts["SPLIT"] else "*bf16", LSE="*fp32")
-    return _compile(gluon_decode_kernel, ptrs, consts, ("qk_scale",), gluon=True)
+    return _compile(gluon_decode_kernel, ptrs, consts, ("qk_scale",), gluon=True, maxnreg=MAX_REGISTERS)
 
 
 def main() -> int:

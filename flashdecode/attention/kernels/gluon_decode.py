@@ -33,6 +33,12 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from flashdecode.attention.kernels.constants import LN2
 
+# Registers per thread of the producer warp (its warpgroup's, set by `setmaxnreg`) and the
+# kernel's limit: 128 keeps two programs per SM (8 warps x 32 threads x 128 = half the register
+# file) and leaves the consumer warpgroup up to 2 x 128 - LOAD_PARTITION_REGS.
+LOAD_PARTITION_REGS = 40
+MAX_REGISTERS = 128
+
 
 @gluon.jit
 def _attend_tile(q, k_tile, v_tile, acc, l_i, m_i, start, lo, hi, qk_scale,
@@ -68,86 +74,60 @@ def _attend_tile(q, k_tile, v_tile, acc, l_i, m_i, start, lo, hi, qk_scale,
 
 
 @gluon.jit
-def _next_tile(i, n_tiles, row0, col0, K_DESC, V_DESC, k_smem, v_smem, bars, STAGES: gl.constexpr,
-               BLOCK_N: gl.constexpr, tile_bytes: gl.constexpr):
-    """Ring step of key tile ``i``: once every warp is done with tile i - 1, its buffer takes the
-    copy of tile i + STAGES - 1; then wait for tile i. Returns tile i's buffer."""
-    gl.thread_barrier()
-    ahead = i + STAGES - 1
-    slot_a = ahead % STAGES
-    mbarrier.expect(bars.index(slot_a), tile_bytes, pred=ahead < n_tiles)
-    tma.async_copy_global_to_shared(K_DESC, [row0 + ahead * BLOCK_N, col0], bars.index(slot_a), k_smem.index(slot_a),
-                                    pred=ahead < n_tiles)
-    tma.async_copy_global_to_shared(V_DESC, [row0 + ahead * BLOCK_N, col0], bars.index(slot_a), v_smem.index(slot_a),
-                                    pred=ahead < n_tiles)
-    slot = i % STAGES
-    mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
-    return slot
+def _load_partition(K_DESC, V_DESC, table_row, k_smem, v_smem, ready, empty, s_lo, n_tiles, page_size, table_width,
+                    num_pages, col0, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, BOX_N: gl.constexpr):
+    """The producer warp: fills the ring with the split's key tiles, each ``BLOCK_N // BOX_N`` TMA
+    boxes (one per page of a paged cache), as soon as the consumers have released a buffer."""
+    tile_bytes: gl.constexpr = 2 * BLOCK_N * K_DESC.block_type.shape[1] * K_DESC.dtype.primitive_bitwidth // 8
+    for i in range(n_tiles):
+        slot = i % STAGES
+        mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1 at once
+        mbarrier.expect(ready.index(slot), tile_bytes)
+        for j in gl.static_range(BLOCK_N // BOX_N):
+            key = s_lo + i * BLOCK_N + j * BOX_N
+            # Columns past the table (a capacity that is no multiple of the tile) read its last
+            # entry: those slots lie past the keys and the consumers mask them.
+            col = gl.minimum(key // page_size, table_width - 1)
+            page = gl.minimum(gl.load(table_row + col).to(gl.uint32), num_pages - 1).to(gl.int32)
+            row = page * page_size + key % page_size
+            tma.async_copy_global_to_shared(K_DESC, [row, col0], ready.index(slot),
+                                            k_smem.index(slot).slice(j * BOX_N, BOX_N))
+            tma.async_copy_global_to_shared(V_DESC, [row, col0], ready.index(slot),
+                                            v_smem.index(slot).slice(j * BOX_N, BOX_N))
 
 
 @gluon.jit
-def gluon_decode_kernel(
-    Q, K_DESC, V_DESC, CACHE_SEQLENS, CACHE_LEFTPAD, BLOCK_TABLE, OUT, LSE,
-    num_pages, page_size, qk_scale,
-    stride_qt, stride_qh, stride_bt,
-    stride_os, stride_ot, stride_oh, stride_od,
-    stride_ls, stride_lh, stride_lt,
-    GROUP: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, SPLIT: gl.constexpr,
-):
-    """Grid (KV heads, batch, splits). Sequence b's one query is token b; its keys are slots
-    ``[max(leftpad, 0), min(cache_seqlens, page_size))`` of its page (the block table's one
-    entry, clamped into the pool). Writes what `attention_split_kernel` writes: with ``SPLIT``
-    the normalised partial output and its log2 LSE (-inf: no key), else the output and its
-    natural-log LSE (+inf and zeros: no key)."""
+def _consume_tile(i, q, k_smem, v_smem, ready, empty, acc, l_i, m_i, s_lo, lo, hi, qk_scale,
+                  s_layout: gl.constexpr, o_layout: gl.constexpr, kb_layout: gl.constexpr,
+                  vb_layout: gl.constexpr, pa_layout: gl.constexpr, v_ld_layout: gl.constexpr,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr):
+    """Wait for key tile ``i``, attend to it, then hand its buffer back to the producer (one
+    thread arrives, so every warp must be done reading first)."""
+    slot = i % STAGES
+    mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
+    acc, l_i, m_i = _attend_tile(q, k_smem.index(slot), v_smem.index(slot), acc, l_i, m_i, s_lo + i * BLOCK_N,
+                                 lo, hi, qk_scale, s_layout, o_layout, kb_layout, vb_layout, pa_layout, v_ld_layout,
+                                 BLOCK_M, BLOCK_N, MASKED)
+    gl.thread_barrier()
+    mbarrier.arrive(empty.index(slot), count=1)
+    return acc, l_i, m_i
+
+
+@gluon.jit
+def _compute_partition(q, k_smem, v_smem, ready, empty, s_lo, n_tiles, lo, hi, qk_scale, OUT, LSE, b, hk, split,
+                       stride_os, stride_ot, stride_oh, stride_od, stride_ls, stride_lh, stride_lt,
+                       GROUP: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                       STAGES: gl.constexpr, SPLIT: gl.constexpr):
+    """The consumer warps: online softmax over the split's key tiles, then the (partial) output
+    and its LSE."""
     NW: gl.constexpr = gl.num_warps()
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW], instr_shape=[16, 8])
-    qa_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
     kb_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=s_layout, k_width=2)
     pa_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     vb_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=o_layout, k_width=2)
     ld_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16],
                                                warps_per_cta=[NW, 1], order=[1, 0])
-
-    hk = gl.program_id(0)
-    b = gl.program_id(1)
-    split = gl.program_id(2)
-    num_splits = gl.num_programs(2)
-
-    # This split's keys, in whole tiles aligned to absolute slots (as attention_split_kernel deals them).
-    lo = gl.maximum(gl.load(CACHE_LEFTPAD + b), 0)
-    hi = gl.maximum(gl.minimum(gl.load(CACHE_SEQLENS + b), page_size), lo)
-    first = (lo // BLOCK_N) * BLOCK_N
-    per_split = gl.cdiv(gl.cdiv(hi - first, BLOCK_N), num_splits)
-    s_lo = gl.minimum(first + split * per_split * BLOCK_N, hi)
-    s_hi = gl.minimum(s_lo + per_split * BLOCK_N, hi)
-    n_tiles = gl.cdiv(s_hi - s_lo, BLOCK_N)
-    page = gl.minimum(gl.load(BLOCK_TABLE + b.to(gl.int64) * stride_bt).to(gl.uint32), num_pages - 1).to(gl.int32)
-    row0 = page * page_size + s_lo
-    col0 = hk * HEAD_DIM
-
-    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout))
-    dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld_layout))
-    q_ok = rows < GROUP
-    q_head = hk * GROUP + gl.where(q_ok, rows, 0)
-    q = gl.load(Q + b.to(gl.int64) * stride_qt + q_head[:, None] * stride_qh + dims[None, :], mask=q_ok[:, None],
-                other=0.0)
-    q = gl.convert_layout(q, qa_layout)
-
-    k_smem = gl.allocate_shared_memory(K_DESC.dtype, [STAGES, BLOCK_N, HEAD_DIM], K_DESC.layout)
-    v_smem = gl.allocate_shared_memory(V_DESC.dtype, [STAGES, BLOCK_N, HEAD_DIM], V_DESC.layout)
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(bars.index(s), count=1)
-    fence_async_shared()
-    tile_bytes: gl.constexpr = 2 * BLOCK_N * HEAD_DIM * K_DESC.dtype.primitive_bitwidth // 8
-    for s in gl.static_range(STAGES - 1):
-        mbarrier.expect(bars.index(s), tile_bytes, pred=s < n_tiles)
-        tma.async_copy_global_to_shared(K_DESC, [row0 + s * BLOCK_N, col0], bars.index(s), k_smem.index(s),
-                                        pred=s < n_tiles)
-        tma.async_copy_global_to_shared(V_DESC, [row0 + s * BLOCK_N, col0], bars.index(s), v_smem.index(s),
-                                        pred=s < n_tiles)
 
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
     l_i = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
@@ -158,22 +138,17 @@ def gluon_decode_kernel(
     n_head = gl.minimum((s_lo < lo).to(gl.int32), n_tiles)
     n_tail = gl.minimum((s_lo + n_tiles * BLOCK_N > hi).to(gl.int32), n_tiles - n_head)
     for i in range(0, n_head):
-        slot = _next_tile(i, n_tiles, row0, col0, K_DESC, V_DESC, k_smem, v_smem, bars, STAGES, BLOCK_N, tile_bytes)
-        acc, l_i, m_i = _attend_tile(q, k_smem.index(slot), v_smem.index(slot), acc, l_i, m_i, s_lo + i * BLOCK_N,
-                                     lo, hi, qk_scale, s_layout, o_layout, kb_layout, vb_layout, pa_layout, ld_layout,
-                                     BLOCK_M, BLOCK_N, True)
+        acc, l_i, m_i = _consume_tile(i, q, k_smem, v_smem, ready, empty, acc, l_i, m_i, s_lo, lo, hi, qk_scale,
+                                      s_layout, o_layout, kb_layout, vb_layout, pa_layout, ld_layout,
+                                      BLOCK_M, BLOCK_N, STAGES, True)
     for i in range(n_head, n_tiles - n_tail):
-        slot = _next_tile(i, n_tiles, row0, col0, K_DESC, V_DESC, k_smem, v_smem, bars, STAGES, BLOCK_N, tile_bytes)
-        acc, l_i, m_i = _attend_tile(q, k_smem.index(slot), v_smem.index(slot), acc, l_i, m_i, s_lo + i * BLOCK_N,
-                                     lo, hi, qk_scale, s_layout, o_layout, kb_layout, vb_layout, pa_layout, ld_layout,
-                                     BLOCK_M, BLOCK_N, False)
+        acc, l_i, m_i = _consume_tile(i, q, k_smem, v_smem, ready, empty, acc, l_i, m_i, s_lo, lo, hi, qk_scale,
+                                      s_layout, o_layout, kb_layout, vb_layout, pa_layout, ld_layout,
+                                      BLOCK_M, BLOCK_N, STAGES, False)
     for i in range(n_tiles - n_tail, n_tiles):
-        slot = _next_tile(i, n_tiles, row0, col0, K_DESC, V_DESC, k_smem, v_smem, bars, STAGES, BLOCK_N, tile_bytes)
-        acc, l_i, m_i = _attend_tile(q, k_smem.index(slot), v_smem.index(slot), acc, l_i, m_i, s_lo + i * BLOCK_N,
-                                     lo, hi, qk_scale, s_layout, o_layout, kb_layout, vb_layout, pa_layout, ld_layout,
-                                     BLOCK_M, BLOCK_N, True)
-    for s in gl.static_range(STAGES):
-        mbarrier.invalidate(bars.index(s))
+        acc, l_i, m_i = _consume_tile(i, q, k_smem, v_smem, ready, empty, acc, l_i, m_i, s_lo, lo, hi, qk_scale,
+                                      s_layout, o_layout, kb_layout, vb_layout, pa_layout, ld_layout,
+                                      BLOCK_M, BLOCK_N, STAGES, True)
 
     l_sum = gl.convert_layout(gl.sum(l_i, 1), gl.SliceLayout(1, o_layout))
     m_o = gl.convert_layout(m_i, gl.SliceLayout(1, o_layout))
@@ -196,6 +171,69 @@ def gluon_decode_kernel(
         gl.store(l_ptr, gl.where(has_key, lse2 * LN2, float("inf")), mask=o_ok)
 
 
+@gluon.jit
+def gluon_decode_kernel(
+    Q, K_DESC, V_DESC, CACHE_SEQLENS, CACHE_LEFTPAD, BLOCK_TABLE, OUT, LSE,
+    num_pages, page_size, table_width, qk_scale,
+    stride_qt, stride_qh, stride_bt,
+    stride_os, stride_ot, stride_oh, stride_od,
+    stride_ls, stride_lh, stride_lt,
+    GROUP: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+    BOX_N: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr, LOAD_REGS: gl.constexpr,
+):
+    """Grid (KV heads, batch, splits). Sequence b's one query is token b; its keys are slots
+    ``[max(leftpad, 0), min(cache_seqlens, table_width * page_size))``, slot s in row
+    ``s % page_size`` of page ``block_table[b, s // page_size]`` (clamped into the pool). A
+    contiguous cache is one page per sequence. Writes what `attention_split_kernel` writes: with
+    ``SPLIT`` the normalised partial output and its log2 LSE (-inf: no key), else the output and
+    its natural-log LSE (+inf and zeros: no key)."""
+    NW: gl.constexpr = gl.num_warps()
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
+    qa_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
+    ld_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16],
+                                               warps_per_cta=[NW, 1], order=[1, 0])
+
+    hk = gl.program_id(0)
+    b = gl.program_id(1)
+    split = gl.program_id(2)
+    num_splits = gl.num_programs(2)
+
+    # This split's keys, in whole tiles aligned to absolute slots (as attention_split_kernel deals them).
+    lo = gl.maximum(gl.load(CACHE_LEFTPAD + b), 0)
+    hi = gl.maximum(gl.minimum(gl.load(CACHE_SEQLENS + b), table_width * page_size), lo)
+    first = (lo // BLOCK_N) * BLOCK_N
+    per_split = gl.cdiv(gl.cdiv(hi - first, BLOCK_N), num_splits)
+    s_lo = gl.minimum(first + split * per_split * BLOCK_N, hi)
+    s_hi = gl.minimum(s_lo + per_split * BLOCK_N, hi)
+    n_tiles = gl.cdiv(s_hi - s_lo, BLOCK_N)
+
+    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout))
+    dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld_layout))
+    q_ok = rows < GROUP
+    q_head = hk * GROUP + gl.where(q_ok, rows, 0)
+    q = gl.load(Q + b.to(gl.int64) * stride_qt + q_head[:, None] * stride_qh + dims[None, :], mask=q_ok[:, None],
+                other=0.0)
+    q = gl.convert_layout(q, qa_layout)
+
+    k_smem = gl.allocate_shared_memory(K_DESC.dtype, [STAGES, BLOCK_N, HEAD_DIM], K_DESC.layout)
+    v_smem = gl.allocate_shared_memory(V_DESC.dtype, [STAGES, BLOCK_N, HEAD_DIM], V_DESC.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    fence_async_shared()
+
+    table_row = BLOCK_TABLE + b.to(gl.int64) * stride_bt
+    gl.warp_specialize([
+        (_compute_partition, (q, k_smem, v_smem, ready, empty, s_lo, n_tiles, lo, hi, qk_scale, OUT, LSE, b, hk,
+                              split, stride_os, stride_ot, stride_oh, stride_od, stride_ls, stride_lh, stride_lt,
+                              GROUP, BLOCK_M, HEAD_DIM, BLOCK_N, STAGES, SPLIT)),
+        (_load_partition, (K_DESC, V_DESC, table_row, k_smem, v_smem, ready, empty, s_lo, n_tiles, page_size,
+                           table_width, num_pages, hk * HEAD_DIM, STAGES, BLOCK_N, BOX_N)),
+    ], [1], [LOAD_REGS])
+
+
 def launch(p, o_dst, l_dst, o_strides: tuple[int, ...], l_strides: tuple[int, int, int], block_n: int,
            num_stages: int, splits: int, qk_scale: float) -> None:
     """Run `gluon_decode_kernel` on ``p`` (a `PackedProblem` that `launch.gluon_plan` accepted).
@@ -211,14 +249,16 @@ def launch(p, o_dst, l_dst, o_strides: tuple[int, ...], l_strides: tuple[int, in
     rows, cols = num_pages * page_size, num_kv_heads * head_dim
     element = gl.bfloat16 if kc.dtype == torch.bfloat16 else gl.float16
     layout = gl.NVMMASharedLayout.get_default_for([block_n, head_dim], element)
-    k_desc = TensorDescriptor(kc.view(rows, cols), [rows, cols], [cols, 1], [block_n, head_dim], layout)
-    v_desc = TensorDescriptor(vc.view(rows, cols), [rows, cols], [cols, 1], [block_n, head_dim], layout)
+    # One box per tile, or one per page where pages are shorter than a tile.
+    box_n = block_n if p.block_table.shape[1] == 1 else min(block_n, page_size)
+    k_desc = TensorDescriptor(kc.view(rows, cols), [rows, cols], [cols, 1], [box_n, head_dim], layout)
+    v_desc = TensorDescriptor(vc.view(rows, cols), [rows, cols], [cols, 1], [box_n, head_dim], layout)
     gluon_decode_kernel[(num_kv_heads, p.batch, splits)](
         q, k_desc, v_desc, p.cache_seqlens, p.cache_leftpad, p.block_table, o_dst, l_dst,
-        num_pages, page_size, qk_scale,
+        num_pages, page_size, p.block_table.shape[1], qk_scale,
         q.stride(0), q.stride(1), p.block_table.stride(0),
         o_strides[0], o_strides[1], o_strides[2], o_strides[3],
         l_strides[0], l_strides[1], l_strides[2],
-        GROUP=q.shape[1] // num_kv_heads, BLOCK_M=16, HEAD_DIM=head_dim, BLOCK_N=block_n, STAGES=num_stages,
-        SPLIT=splits > 1, num_warps=4,
+        GROUP=q.shape[1] // num_kv_heads, BLOCK_M=16, HEAD_DIM=head_dim, BLOCK_N=block_n, BOX_N=box_n,
+        STAGES=num_stages, SPLIT=splits > 1, LOAD_REGS=LOAD_PARTITION_REGS, num_warps=4, maxnreg=MAX_REGISTERS,
     )

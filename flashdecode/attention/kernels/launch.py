@@ -317,21 +317,35 @@ class GluonPlan:
     splits: int
 
 
+def gluon_block_n(head_dim: int) -> int:
+    """Keys per tile of the Gluon decode kernel: the Triton kernel's decode tile (16 KiB of K)."""
+    return 128 if head_dim == 64 else 64
+
+
+def gluon_pages_fit(page_size: int, max_pages: int, block_n: int) -> bool:
+    """Whether TMA boxes can carry a cache's key tiles: one page per sequence (a contiguous
+    cache; a tile may run past it, into slots the kernel masks), pages of whole tiles, or
+    pages of at least 16 slots that tile a key tile (one box per page; 16 rows keep every box
+    on whole 128-byte swizzle periods of the tile's shared memory)."""
+    return max_pages == 1 or page_size % block_n == 0 or (block_n % page_size == 0 and page_size >= 16)
+
+
 def gluon_problem_supported(p: PackedProblem) -> bool:
-    """Whether `gluon_decode_kernel` covers ``p`` (shapes, dtypes and features only): a contiguous
-    16-bit cache (one page per sequence, pool contiguous and 16-byte aligned, under 2**31 slots),
-    head dim 64 or 128, at most 16 query heads per KV head, one query per sequence, nothing
-    appended, no rotary, window, softcap or ALiBi (a causal mask is no mask for one query)."""
+    """Whether `gluon_decode_kernel` covers ``p`` (shapes, dtypes and features only): a 16-bit
+    cache, contiguous or of pages that `gluon_pages_fit` (pool contiguous and 16-byte aligned,
+    under 2**31 slots), head dim 64 or 128, at most 16 query heads per KV head, one query per
+    sequence, nothing appended, no rotary, window, softcap or ALiBi (a causal mask is no mask
+    for one query)."""
     q, kc = p.q, p.k_pages
-    _, _, num_kv_heads, head_dim = kc.shape
+    _, page_size, num_kv_heads, head_dim = kc.shape
     return (
-        p.block_table.shape[1] == 1
-        and p.max_seqlen_q == 1 and q.shape[0] == p.batch
+        p.max_seqlen_q == 1 and q.shape[0] == p.batch
         and (p.k_new is None or p.k_new.shape[0] == 0)
         and p.rotary_dim == 0 and p.window_left < 0 and p.window_right in (-1, 0)
         and p.softcap == 0.0 and p.alibi_slopes is None
         and descriptor_pools(kc, p.v_pages) and q.dtype == kc.dtype
         and head_dim in (64, 128) and q.shape[1] // num_kv_heads <= 16
+        and gluon_pages_fit(page_size, p.block_table.shape[1], gluon_block_n(head_dim))
     )
 
 
@@ -367,10 +381,12 @@ def gluon_plan(p: PackedProblem) -> GluonPlan | None:
 
 
 def gluon_launch_plan(p: PackedProblem, sms: int) -> GluonPlan:
-    """Tiles, stages and splits of the Gluon decode kernel for ``p`` on ``sms`` SMs (shapes only)."""
+    """Tiles, stages and splits of the Gluon decode kernel for ``p`` on ``sms`` SMs (shapes only):
+    the split count of the Triton kernel's contiguous decode grid, paged or not (the producer warp
+    hides the block-table reads)."""
     head_dim, num_kv_heads = p.k_pages.shape[3], p.k_pages.shape[2]
-    block_n = 128 if head_dim == 64 else 64
-    capacity = p.page_size
+    block_n = gluon_block_n(head_dim)
+    capacity = p.block_table.shape[1] * p.page_size
     splits = heuristics.choose_num_splits(
         p.num_splits, p.batch, num_kv_heads, 1, capacity, block_n, sms,
         fill_per_sm=heuristics.CONTIGUOUS_PROGRAMS_PER_SM,

@@ -1139,6 +1139,12 @@ GLUON_SPECS = [
          kv_heads=3, head_dim=64, dtype=torch.float16, page_size=32, max_pages=33, splits=(1, 0, 2, 5)),
     Spec("gluon-paged128-mha", q_lens=(1, 1), cache_lens=(500, 65), new_lens=(0, 0), heads=4, kv_heads=4,
          head_dim=128, dtype=torch.bfloat16, page_size=128, max_pages=4, splits=(1, 0, 4)),
+    # MQA, 32 query rows (and 20: rows past the group are masked), contiguous and paged.
+    Spec("gluon-mqa-leftpad", q_lens=(1, 1, 1), cache_lens=(900, 3, 200), new_lens=(0, 0, 0), heads=32, kv_heads=1,
+         head_dim=128, dtype=torch.bfloat16, page_size=1024, contiguous=True, leftpad=(0, 1, 64),
+         splits=(1, 0, 3)),
+    Spec("gluon-paged16-group20", q_lens=(1, 1), cache_lens=(400, 17), new_lens=(0, 0), heads=40, kv_heads=2,
+         head_dim=128, dtype=torch.bfloat16, page_size=16, max_pages=26, splits=(1, 0, 5)),
 ]
 
 
@@ -1198,7 +1204,7 @@ def test_gluon_problem_supported_takes_plain_decode_only():
         "fp32": dict(dtype=torch.float32),
         "head dim 32": dict(head_dim=32),
         "head dim 256": dict(head_dim=256),
-        "32 heads per kv head": dict(heads=32, kv_heads=1),
+        "64 heads per kv head": dict(heads=64, kv_heads=1),
     }
     for what, change in turned_down.items():
         p = _contiguous_poisoned(build(dataclasses.replace(base, **change), cpu))
@@ -1219,17 +1225,19 @@ def test_gluon_plan_is_off_by_default_and_without_a_hopper_gpu_and_its_knob_is_c
 
 
 @pytest.mark.parametrize("batch, heads, kv_heads, keys, head_dim, plan", [
-    # (block_n, stages, splits) on 132 SMs: the split count of the Triton kernel's contiguous plan,
-    # 2 stages at D=64 and for splits of at most 4 tiles.
-    (1, 32, 8, 32768, 128, (64, 3, 16)),
+    # (block_n, stages, splits) on 132 SMs: the split count of the Triton kernel's contiguous plan;
+    # 4 stages where every program has an SM and at least 8 tiles, else 2 for splits of at most 4
+    # tiles, 3 otherwise.
+    (1, 32, 8, 32768, 128, (64, 4, 16)),
     (1, 32, 8, 4096, 128, (64, 2, 16)),
-    (8, 32, 8, 8192, 128, (64, 3, 2)),
-    (64, 9, 3, 2048, 64, (128, 2, 1)),
+    (8, 32, 8, 8192, 128, (64, 4, 2)),
+    (32, 32, 1, 8192, 128, (64, 4, 4)),
+    (64, 9, 3, 2048, 64, (128, 3, 1)),
     (16, 32, 32, 4096, 128, (64, 3, 4)),
     (128, 32, 8, 2048, 128, (64, 3, 1)),
     # A paged cache (pages of 16 slots) gets the plan of the contiguous one.
-    (1, 32, 8, -32768, 128, (64, 3, 16)),
-    (64, 9, 3, -2048, 64, (128, 2, 1)),
+    (1, 32, 8, -32768, 128, (64, 4, 16)),
+    (64, 9, 3, -2048, 64, (128, 3, 1)),
 ])
 def test_gluon_launch_plan(batch, heads, kv_heads, keys, head_dim, plan):
     """``keys`` < 0: that many slots per sequence in pages of 16."""

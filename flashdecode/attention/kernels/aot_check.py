@@ -222,12 +222,21 @@ def attention_variant(**kw: Any) -> Any:
 
 # The Gluon decode kernel (`gluon_decode.py`, FLASHDECODE_GLUON=1) as `launch.gluon_plan` plans it.
 GLUON_VARIANTS: dict[str, dict[str, Any]] = {
-    "gluon-decode-d128-split": dict(GROUP=4, HEAD_DIM=128, BLOCK_N=64, BOX_N=64, STAGES=3, SPLIT=True),
-    "gluon-decode-d64": dict(GROUP=3, HEAD_DIM=64, BLOCK_N=128, BOX_N=128, STAGES=2, SPLIT=False),
-    "gluon-decode-mha-batch-1": dict(GROUP=1, HEAD_DIM=128, BLOCK_N=64, BOX_N=64, STAGES=3, SPLIT=False, num_pages=1),
+    "gluon-decode-d128-split": dict(GROUP=4, HEAD_DIM=128, BLOCK_N=64, BOX_N=64, STAGES=3, SPLIT=True, ONE_PAGE=True),
+    "gluon-decode-d64": dict(GROUP=3, HEAD_DIM=64, BLOCK_N=128, BOX_N=128, STAGES=2, SPLIT=False, ONE_PAGE=True),
+    "gluon-decode-mha-batch-1": dict(GROUP=1, HEAD_DIM=128, BLOCK_N=64, BOX_N=64, STAGES=3, SPLIT=False, ONE_PAGE=True,
+                                     num_pages=1),
+    "gluon-decode-mqa": dict(GROUP=32, BLOCK_M=32, HEAD_DIM=128, BLOCK_N=64, BOX_N=64, STAGES=4, SPLIT=True,
+                             ONE_PAGE=True),
     # A paged cache of 16-slot pages: one TMA box per page.
-    "gluon-decode-page16-split": dict(GROUP=4, HEAD_DIM=128, BLOCK_N=64, BOX_N=16, STAGES=3, SPLIT=True),
-    "gluon-decode-page16-d64": dict(GROUP=3, HEAD_DIM=64, BLOCK_N=128, BOX_N=16, STAGES=2, SPLIT=False),
+    "gluon-decode-page16-split": dict(GROUP=4, HEAD_DIM=128, BLOCK_N=64, BOX_N=16, STAGES=3, SPLIT=True,
+                                      ONE_PAGE=False),
+    "gluon-decode-page16-d64": dict(GROUP=3, HEAD_DIM=64, BLOCK_N=128, BOX_N=16, STAGES=2, SPLIT=False,
+                                    ONE_PAGE=False),
+    "gluon-decode-pdl": dict(GROUP=4, HEAD_DIM=128, BLOCK_N=64, BOX_N=16, STAGES=3, SPLIT=True, ONE_PAGE=False,
+                             USE_PDL=True),
+    "gluon-decode-page16-mqa": dict(GROUP=32, BLOCK_M=32, HEAD_DIM=128, BLOCK_N=64, BOX_N=16, STAGES=3, SPLIT=True,
+                                    ONE_PAGE=False),
 }
 
 
@@ -238,7 +247,7 @@ def gluon_variant(**kw: Any) -> Any:
 
     from flashdecode.attention.kernels.gluon_decode import LOAD_PARTITION_REGS, MAX_REGISTERS, gluon_decode_kernel
 
-    consts: dict[str, Any] = dict(BLOCK_M=16, stride_od=1, LOAD_REGS=LOAD_PARTITION_REGS)
+    consts: dict[str, Any] = dict(BLOCK_M=16, stride_od=1, USE_PDL=False, LOAD_REGS=LOAD_PARTITION_REGS)
     consts.update(kw)
     layout = NVMMASharedLayout.get_default_for([consts["BLOCK_N"], consts["HEAD_DIM"]], bfloat16)
     desc = f"tensordesc<bf16[{consts['BOX_N']},{consts['HEAD_DIM']}],{layout!r}>"

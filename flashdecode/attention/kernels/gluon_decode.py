@@ -74,10 +74,20 @@ def _attend_tile(q, k_tile, v_tile, acc, l_i, m_i, start, lo, hi, qk_scale,
 
 
 @gluon.jit
-def _load_partition(K_DESC, V_DESC, table_row, k_smem, v_smem, ready, empty, s_lo, n_tiles, page_size, table_width,
-                    num_pages, col0, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, BOX_N: gl.constexpr):
+def _grid_dependency(INSTRUCTION: gl.constexpr):
+    """``griddepcontrol.wait`` (before the first read of what the previous kernel wrote) or
+    ``griddepcontrol.launch_dependents`` (let the next kernel launch) of programmatic dependent
+    launch, as Triton's ``gdc_wait``/``gdc_launch_dependents`` emit them; no-ops without it."""
+    gl.inline_asm_elementwise(INSTRUCTION + "; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _load_partition(K_DESC, V_DESC, table_row, row0, k_smem, v_smem, ready, empty, s_lo, n_tiles, page_size,
+                    table_width, num_pages, col0, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, BOX_N: gl.constexpr,
+                    ONE_PAGE: gl.constexpr, USE_PDL: gl.constexpr):
     """The producer warp: fills the ring with the split's key tiles, each ``BLOCK_N // BOX_N`` TMA
-    boxes (one per page of a paged cache), as soon as the consumers have released a buffer."""
+    boxes (one per page of a paged cache), as soon as the consumers have released a buffer. With
+    ``ONE_PAGE`` (a contiguous cache) slot s is row ``row0 + s``."""
     tile_bytes: gl.constexpr = 2 * BLOCK_N * K_DESC.block_type.shape[1] * K_DESC.dtype.primitive_bitwidth // 8
     for i in range(n_tiles):
         slot = i % STAGES
@@ -85,15 +95,20 @@ def _load_partition(K_DESC, V_DESC, table_row, k_smem, v_smem, ready, empty, s_l
         mbarrier.expect(ready.index(slot), tile_bytes)
         for j in gl.static_range(BLOCK_N // BOX_N):
             key = s_lo + i * BLOCK_N + j * BOX_N
-            # Columns past the table (a capacity that is no multiple of the tile) read its last
-            # entry: those slots lie past the keys and the consumers mask them.
-            col = gl.minimum(key // page_size, table_width - 1)
-            page = gl.minimum(gl.load(table_row + col).to(gl.uint32), num_pages - 1).to(gl.int32)
-            row = page * page_size + key % page_size
+            if ONE_PAGE:
+                row = row0 + key
+            else:
+                # Columns past the table (a capacity that is no multiple of the tile) read its last
+                # entry: those slots lie past the keys and the consumers mask them.
+                col = gl.minimum(key // page_size, table_width - 1)
+                page = gl.minimum(gl.load(table_row + col).to(gl.uint32), num_pages - 1).to(gl.int32)
+                row = page * page_size + key % page_size
             tma.async_copy_global_to_shared(K_DESC, [row, col0], ready.index(slot),
                                             k_smem.index(slot).slice(j * BOX_N, BOX_N))
             tma.async_copy_global_to_shared(V_DESC, [row, col0], ready.index(slot),
                                             v_smem.index(slot).slice(j * BOX_N, BOX_N))
+    if USE_PDL:
+        _grid_dependency("griddepcontrol.launch_dependents")
 
 
 @gluon.jit
@@ -117,12 +132,14 @@ def _consume_tile(i, q, k_smem, v_smem, ready, empty, acc, l_i, m_i, s_lo, lo, h
 def _compute_partition(q, k_smem, v_smem, ready, empty, s_lo, n_tiles, lo, hi, qk_scale, OUT, LSE, b, hk, split,
                        stride_os, stride_ot, stride_oh, stride_od, stride_ls, stride_lh, stride_lt,
                        GROUP: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-                       STAGES: gl.constexpr, SPLIT: gl.constexpr):
+                       STAGES: gl.constexpr, SPLIT: gl.constexpr, USE_PDL: gl.constexpr):
     """The consumer warps: online softmax over the split's key tiles, then the (partial) output
     and its LSE."""
     NW: gl.constexpr = gl.num_warps()
+    ROW_WARPS: gl.constexpr = BLOCK_M // 16
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW], instr_shape=[16, 8])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[ROW_WARPS, NW // ROW_WARPS],
+                                                       instr_shape=[16, 8])
     kb_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=s_layout, k_width=2)
     pa_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     vb_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=o_layout, k_width=2)
@@ -149,6 +166,8 @@ def _compute_partition(q, k_smem, v_smem, ready, empty, s_lo, n_tiles, lo, hi, q
         acc, l_i, m_i = _consume_tile(i, q, k_smem, v_smem, ready, empty, acc, l_i, m_i, s_lo, lo, hi, qk_scale,
                                       s_layout, o_layout, kb_layout, vb_layout, pa_layout, ld_layout,
                                       BLOCK_M, BLOCK_N, STAGES, True)
+    if USE_PDL:
+        _grid_dependency("griddepcontrol.launch_dependents")
 
     l_sum = gl.convert_layout(gl.sum(l_i, 1), gl.SliceLayout(1, o_layout))
     m_o = gl.convert_layout(m_i, gl.SliceLayout(1, o_layout))
@@ -179,7 +198,8 @@ def gluon_decode_kernel(
     stride_os, stride_ot, stride_oh, stride_od,
     stride_ls, stride_lh, stride_lt,
     GROUP: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-    BOX_N: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr, LOAD_REGS: gl.constexpr,
+    BOX_N: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr, ONE_PAGE: gl.constexpr,
+    USE_PDL: gl.constexpr, LOAD_REGS: gl.constexpr,
 ):
     """Grid (KV heads, batch, splits). Sequence b's one query is token b; its keys are slots
     ``[max(leftpad, 0), min(cache_seqlens, table_width * page_size))``, slot s in row
@@ -197,6 +217,13 @@ def gluon_decode_kernel(
     b = gl.program_id(1)
     split = gl.program_id(2)
     num_splits = gl.num_programs(2)
+    if USE_PDL:
+        _grid_dependency("griddepcontrol.wait")
+    table_row = BLOCK_TABLE + b.to(gl.int64) * stride_bt
+    if ONE_PAGE:  # read with the lengths, not after them
+        row0 = gl.minimum(gl.load(table_row).to(gl.uint32), num_pages - 1).to(gl.int32) * page_size
+    else:
+        row0 = 0
 
     # This split's keys, in whole tiles aligned to absolute slots (as attention_split_kernel deals them).
     lo = gl.maximum(gl.load(CACHE_LEFTPAD + b), 0)
@@ -224,22 +251,22 @@ def gluon_decode_kernel(
         mbarrier.init(empty.index(s), count=1)
     fence_async_shared()
 
-    table_row = BLOCK_TABLE + b.to(gl.int64) * stride_bt
     gl.warp_specialize([
         (_compute_partition, (q, k_smem, v_smem, ready, empty, s_lo, n_tiles, lo, hi, qk_scale, OUT, LSE, b, hk,
                               split, stride_os, stride_ot, stride_oh, stride_od, stride_ls, stride_lh, stride_lt,
-                              GROUP, BLOCK_M, HEAD_DIM, BLOCK_N, STAGES, SPLIT)),
-        (_load_partition, (K_DESC, V_DESC, table_row, k_smem, v_smem, ready, empty, s_lo, n_tiles, page_size,
-                           table_width, num_pages, hk * HEAD_DIM, STAGES, BLOCK_N, BOX_N)),
+                              GROUP, BLOCK_M, HEAD_DIM, BLOCK_N, STAGES, SPLIT, USE_PDL)),
+        (_load_partition, (K_DESC, V_DESC, table_row, row0, k_smem, v_smem, ready, empty, s_lo, n_tiles, page_size,
+                           table_width, num_pages, hk * HEAD_DIM, STAGES, BLOCK_N, BOX_N, ONE_PAGE, USE_PDL)),
     ], [1], [LOAD_REGS])
 
 
 def launch(p, o_dst, l_dst, o_strides: tuple[int, ...], l_strides: tuple[int, int, int], block_n: int,
-           num_stages: int, splits: int, qk_scale: float) -> None:
+           num_stages: int, splits: int, qk_scale: float, pdl: bool) -> None:
     """Run `gluon_decode_kernel` on ``p`` (a `PackedProblem` that `launch.gluon_plan` accepted).
 
     ``o_dst``/``l_dst`` and their strides are those of `launch.attention`: (split, token, head,
-    dim) and (split, head, token), the split stride 0 without a split."""
+    dim) and (split, head, token), the split stride 0 without a split. ``pdl``: launch with
+    programmatic dependent launch (`launch.attention_pdl`)."""
     # Imported here, so that the kernel module loads without torch (offline compile checks).
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -259,6 +286,7 @@ def launch(p, o_dst, l_dst, o_strides: tuple[int, ...], l_strides: tuple[int, in
         q.stride(0), q.stride(1), p.block_table.stride(0),
         o_strides[0], o_strides[1], o_strides[2], o_strides[3],
         l_strides[0], l_strides[1], l_strides[2],
-        GROUP=q.shape[1] // num_kv_heads, BLOCK_M=16, HEAD_DIM=head_dim, BLOCK_N=block_n, BOX_N=box_n,
-        STAGES=num_stages, SPLIT=splits > 1, LOAD_REGS=LOAD_PARTITION_REGS, num_warps=4, maxnreg=MAX_REGISTERS,
+        GROUP=q.shape[1] // num_kv_heads, BLOCK_M=16 if q.shape[1] // num_kv_heads <= 16 else 32, HEAD_DIM=head_dim, BLOCK_N=block_n, BOX_N=box_n,
+        STAGES=num_stages, SPLIT=splits > 1, ONE_PAGE=p.block_table.shape[1] == 1, USE_PDL=pdl, LOAD_REGS=LOAD_PARTITION_REGS, num_warps=4,
+        maxnreg=MAX_REGISTERS, **({"launch_pdl": True} if pdl else {}),
     )

@@ -333,7 +333,7 @@ def gluon_pages_fit(page_size: int, max_pages: int, block_n: int) -> bool:
 def gluon_problem_supported(p: PackedProblem) -> bool:
     """Whether `gluon_decode_kernel` covers ``p`` (shapes, dtypes and features only): a 16-bit
     cache, contiguous or of pages that `gluon_pages_fit` (pool contiguous and 16-byte aligned,
-    under 2**31 slots), head dim 64 or 128, at most 16 query heads per KV head, one query per
+    under 2**31 slots), head dim 64 or 128, at most 32 query heads per KV head, one query per
     sequence, nothing appended, no rotary, window, softcap or ALiBi (a causal mask is no mask
     for one query)."""
     q, kc = p.q, p.k_pages
@@ -344,7 +344,7 @@ def gluon_problem_supported(p: PackedProblem) -> bool:
         and p.rotary_dim == 0 and p.window_left < 0 and p.window_right in (-1, 0)
         and p.softcap == 0.0 and p.alibi_slopes is None
         and descriptor_pools(kc, p.v_pages) and q.dtype == kc.dtype
-        and head_dim in (64, 128) and q.shape[1] // num_kv_heads <= 16
+        and head_dim in (64, 128) and q.shape[1] // num_kv_heads <= 32
         and gluon_pages_fit(page_size, p.block_table.shape[1], gluon_block_n(head_dim))
     )
 
@@ -391,8 +391,12 @@ def gluon_launch_plan(p: PackedProblem, sms: int) -> GluonPlan:
         p.num_splits, p.batch, num_kv_heads, 1, capacity, block_n, sms,
         fill_per_sm=heuristics.CONTIGUOUS_PROGRAMS_PER_SM,
     )
-    short = heuristics.tiles_per_split(capacity, block_n, splits) <= 4
-    return GluonPlan(block_n=block_n, num_stages=2 if head_dim == 64 or short else 3, splits=splits)
+    tiles = heuristics.tiles_per_split(capacity, block_n, splits)
+    if p.batch * num_kv_heads * splits <= sms and tiles >= heuristics.LONE_PROGRAM_MIN_TILES:
+        stages = heuristics.LONE_PROGRAM_STAGES  # an SM to itself: its shared memory for loads in flight
+    else:
+        stages = 2 if tiles <= 4 else 3
+    return GluonPlan(block_n=block_n, num_stages=stages, splits=splits)
 
 
 def _split_buffers(out: torch.Tensor, lse: torch.Tensor, splits: int):
@@ -443,9 +447,10 @@ def attention(p: PackedProblem, out: torch.Tensor, lse: torch.Tensor, append: bo
         from flashdecode.attention.kernels import gluon_decode  # Gluon loads only where it runs
 
         o_dst, l_dst, o_strides, l_strides = _split_buffers(out, lse, gluon.splits)
+        pdl = attention_pdl(p.q.device)
         gluon_decode.launch(p, o_dst, l_dst, o_strides, l_strides, gluon.block_n, gluon.num_stages, gluon.splits,
-                            p.softmax_scale * LOG2E)
-        _combine(o_dst, l_dst, out, lse, gluon.splits, attention_pdl(p.q.device))
+                            p.softmax_scale * LOG2E, pdl)
+        _combine(o_dst, l_dst, out, lse, gluon.splits, pdl)
         return
     num_pages, page_size, num_kv_heads, _ = p.k_pages.shape
     group = num_heads // num_kv_heads

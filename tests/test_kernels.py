@@ -312,8 +312,7 @@ def assert_agree_within_rounding(got, base, dt) -> None:
 def spied_spec_problem(name: str, device, monkeypatch, seed: int):
     """(launch module, attention-kernel spy, spec, problem, want_out, want_lse) for a case of SPECS."""
     launch = _launch()
-    spy = _KernelSpy(launch.attention_split_kernel)
-    monkeypatch.setattr(launch, "attention_split_kernel", spy)
+    spy = _spy_on_triton_kernel(launch, monkeypatch)
     spec = next(s for s in SPECS if s.name == name)
     p = build(spec, device, seed=seed)
     want_out, want_lse, _, _ = brute_force(p)
@@ -385,6 +384,15 @@ class _KernelSpy:
         return launch
 
 
+def _spy_on_triton_kernel(launch, monkeypatch) -> _KernelSpy:
+    """A spy in place of launch.py's `attention_split_kernel`, with the Gluon kernel turned off
+    (``FLASHDECODE_GLUON=0``) so that on a Hopper GPU the calls reach it too."""
+    monkeypatch.setenv("FLASHDECODE_GLUON", "0")
+    spy = _KernelSpy(launch.attention_split_kernel)
+    monkeypatch.setattr(launch, "attention_split_kernel", spy)
+    return spy
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("page_size, windowed, aligned", [
     (1, True, False), (2, False, False), (4, True, False), (16, True, False), (16, False, False), (3, True, False),
@@ -397,8 +405,7 @@ def test_paged_gather_modes_match_brute_force(page_size, windowed, aligned, devi
     exactly when the table's width is a multiple of a tile's pages (in the interpreter the
     conftest checks the kernel's `tl.multiple_of` hints, which a misaligned table read breaks)."""
     launch = _launch()
-    spy = _KernelSpy(launch.attention_split_kernel)
-    monkeypatch.setattr(launch, "attention_split_kernel", spy)
+    spy = _spy_on_triton_kernel(launch, monkeypatch)
     monkeypatch.setenv("FLASHDECODE_ALIGNED_TABLE", "1")
     spec = _gather_spec(page_size, windowed, aligned)
     p = build(spec, device, seed=page_size)
@@ -513,8 +520,7 @@ def test_tma_tiles_match_brute_force(spec, knob, device, monkeypatch):
     tensor descriptors (TMA_KV; on a GPU, Hopper's TMA) unless ``FLASHDECODE_TMA=0``, and either
     way every split count equals the float64 brute force with NaN in every slot outside the keys."""
     launch = _launch()
-    spy = _KernelSpy(launch.attention_split_kernel)
-    monkeypatch.setattr(launch, "attention_split_kernel", spy)
+    spy = _spy_on_triton_kernel(launch, monkeypatch)
     monkeypatch.setenv("FLASHDECODE_TMA", knob)
     p = _contiguous_poisoned(build(spec, device, seed=11))
     want_out, want_lse, _, _ = brute_force(p)
@@ -533,8 +539,7 @@ def test_page_sized_tma_tiles_with_a_deep_pipeline_match_brute_force(device, mon
     config only `scripts/sweep_splits.py --block-n 16` asks for today): every split count equals
     the float64 brute force, with NaN in every slot outside the keys."""
     launch = _launch()
-    spy = _KernelSpy(launch.attention_split_kernel)
-    monkeypatch.setattr(launch, "attention_split_kernel", spy)
+    spy = _spy_on_triton_kernel(launch, monkeypatch)
     tile = launch.heuristics.TileConfig(block_m=16, block_n=16, num_warps=4, num_stages=8)
     monkeypatch.setattr(launch.heuristics, "choose_tiles", lambda *a, **k: tile)
     spec = Spec("tma-page16-tile16", q_lens=(1, 1, 1), cache_lens=(300, 129, 15), new_lens=(1, 1, 1), heads=8,
@@ -639,8 +644,7 @@ def test_lone_program_pipeline_matches_brute_force(append, device, monkeypatch):
     run one program each over 10 key tiles."""
     launch = _launch()
     monkeypatch.setattr(launch, "num_sms", lambda device: 4)
-    spy = _KernelSpy(launch.attention_split_kernel)
-    monkeypatch.setattr(launch, "attention_split_kernel", spy)
+    spy = _spy_on_triton_kernel(launch, monkeypatch)
     spec = Spec("lone-programs", q_lens=(1, 1, 1, 1), cache_lens=(600, 639, 37, 333),
                 new_lens=(1, 1, 1, 1) if append else (0, 0, 0, 0), heads=4, kv_heads=1, head_dim=128,
                 dtype=torch.bfloat16, page_size=640, contiguous=True, rotary_frac=1.0 if append else 0.0,
@@ -715,8 +719,7 @@ def test_paged_gather_env_override_is_read_at_each_call(device, monkeypatch):
     from flashdecode.attention import heuristics
 
     launch = _launch()
-    spy = _KernelSpy(launch.attention_split_kernel)
-    monkeypatch.setattr(launch, "attention_split_kernel", spy)
+    spy = _spy_on_triton_kernel(launch, monkeypatch)
     spec = Spec("gather-env", q_lens=(1, 1), cache_lens=(40, 23), new_lens=(0, 0), heads=4, kv_heads=2, head_dim=16,
                 page_size=8, max_pages=6)
     p = build(spec, device, seed=4)
@@ -760,8 +763,7 @@ def test_fused_append_env_switches_to_the_append_kernel(device, monkeypatch):
     """``FLASHDECODE_FUSED_APPEND=0`` appends with the separate kernel (the attention kernel gets
     APPEND=False); both paths match the brute force and leave the same cache."""
     launch = _launch()
-    spy = _KernelSpy(launch.attention_split_kernel)
-    monkeypatch.setattr(launch, "attention_split_kernel", spy)
+    spy = _spy_on_triton_kernel(launch, monkeypatch)
     spec = SPECS[0]
     p = build(spec, device, seed=11)
     want_out, want_lse, want_k, want_v = brute_force(p)
@@ -1211,17 +1213,49 @@ def test_gluon_problem_supported_takes_plain_decode_only():
         assert not launch.gluon_problem_supported(p), what
 
 
-def test_gluon_plan_is_off_by_default_and_without_a_hopper_gpu_and_its_knob_is_checked(monkeypatch):
+def test_gluon_knob_defaults_to_auto_is_checked_and_a_cpu_tensor_keeps_the_triton_kernel(monkeypatch):
     launch = _launch()
-    p = _contiguous_poisoned(build(GLUON_SPECS[0], torch.device("cpu")))
+    p = _contiguous_poisoned(build(GLUON_SPECS[4], torch.device("cpu")))
     monkeypatch.delenv("FLASHDECODE_GLUON", raising=False)
-    assert not launch.gluon_enabled()
-    monkeypatch.setenv("FLASHDECODE_GLUON", "1")
-    assert launch.gluon_enabled()
-    assert launch.gluon_plan(p) is None  # a CPU tensor
+    assert launch.gluon_mode() == "auto"
+    for value, mode in (("1", "1"), ("on", "1"), ("0", "0"), ("OFF", "0"), (" auto ", "auto")):
+        monkeypatch.setenv("FLASHDECODE_GLUON", value)
+        assert launch.gluon_mode() == mode
+        assert launch.gluon_plan(p) is None  # a CPU tensor
     monkeypatch.setenv("FLASHDECODE_GLUON", "yes")
     with pytest.raises(ValueError, match="FLASHDECODE_GLUON"):
         launch.gluon_plan(p)
+
+
+@pytest.mark.parametrize("batch, heads, kv_heads, keys, preferred", [
+    # Paged caches (pages of 16 slots) with more than 4 key tiles per split and at most 16 query
+    # heads per KV head; not a contiguous cache, MQA or B=1 L=4096 (4 tiles per split).
+    (1, 32, 8, -32768, True),
+    (16, 32, 32, -4096, True),
+    (64, 9, 3, -2048, True),
+    (1, 32, 8, 32768, False),
+    (32, 32, 1, -8192, False),
+    (1, 32, 8, -4096, False),
+])
+def test_gluon_preferred(batch, heads, kv_heads, keys, preferred):
+    launch = _launch()
+    p = _meta_problem(batch, heads, kv_heads, keys, 64 if heads == 9 else 128)
+    assert launch.gluon_preferred(p, launch.gluon_launch_plan(p, 132)) is preferred
+
+
+def _meta_problem(batch: int, heads: int, kv_heads: int, keys: int, head_dim: int):
+    """The shapes of a decode problem, on the meta device; ``keys`` < 0: that many slots per
+    sequence in pages of 16, else a contiguous cache of ``keys`` slots."""
+    import types
+
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    page_size, width = (keys, 1) if keys > 0 else (16, -keys // 16)
+    return types.SimpleNamespace(
+        q=torch.empty(batch, heads, head_dim, **meta),
+        k_pages=torch.empty(batch * width, page_size, kv_heads, head_dim, **meta),
+        block_table=torch.empty(batch, width, dtype=torch.int32, device="meta"), batch=batch, page_size=page_size,
+        num_splits=0,
+    )
 
 
 @pytest.mark.parametrize("batch, heads, kv_heads, keys, head_dim, plan", [
@@ -1241,15 +1275,5 @@ def test_gluon_plan_is_off_by_default_and_without_a_hopper_gpu_and_its_knob_is_c
 ])
 def test_gluon_launch_plan(batch, heads, kv_heads, keys, head_dim, plan):
     """``keys`` < 0: that many slots per sequence in pages of 16."""
-    import types
-
-    meta = dict(device="meta", dtype=torch.bfloat16)
-    page_size, width = (keys, 1) if keys > 0 else (16, -keys // 16)
-    p = types.SimpleNamespace(
-        q=torch.empty(batch, heads, head_dim, **meta),
-        k_pages=torch.empty(batch * width, page_size, kv_heads, head_dim, **meta),
-        block_table=torch.empty(batch, width, dtype=torch.int32, device="meta"), batch=batch, page_size=page_size,
-        num_splits=0,
-    )
-    got = _launch().gluon_launch_plan(p, 132)
+    got = _launch().gluon_launch_plan(_meta_problem(batch, heads, kv_heads, keys, head_dim), 132)
     assert (got.block_n, got.num_stages, got.splits) == plan

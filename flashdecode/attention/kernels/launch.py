@@ -16,8 +16,8 @@ the same addresses and run the same floating-point code (bit-identical in the in
 the knob exists to A/B their speed on a GPU
 (``python scripts/tune_decode.py --paged-variants``). The on/off knobs ``FLASHDECODE_FUSED_APPEND``,
 ``FLASHDECODE_ATTENTION_PDL``, ``FLASHDECODE_LATE_ROW_SUM``, ``FLASHDECODE_ALIGNED_TABLE``,
-``FLASHDECODE_TMA`` and ``FLASHDECODE_GLUON`` (the Gluon decode kernel, off by default) are
-described at the functions that read them.
+``FLASHDECODE_TMA`` and ``FLASHDECODE_GLUON`` (``auto``/``0``/``1``: where the Gluon decode
+kernel runs) are described at the functions that read them.
 """
 
 from __future__ import annotations
@@ -349,35 +349,49 @@ def gluon_problem_supported(p: PackedProblem) -> bool:
     )
 
 
-def gluon_enabled() -> bool:
-    """``FLASHDECODE_GLUON`` (read on every call): ``1`` lets `gluon_plan` take the Gluon decode
-    kernel where it applies; off by default, since it was not faster overall (see `gluon_plan`)."""
-    return env_flag(GLUON_ENV, "0")
+def gluon_mode() -> str:
+    """``FLASHDECODE_GLUON`` (read on every call): ``auto`` (default) lets `gluon_plan` take the
+    Gluon decode kernel where `gluon_preferred` says it was faster, ``1`` wherever it applies,
+    ``0`` nowhere."""
+    value = os.environ.get(GLUON_ENV, "auto").strip().lower()
+    if value in ("1", "on"):
+        return "1"
+    if value in ("0", "off"):
+        return "0"
+    if value != "auto":
+        raise ValueError(f"{GLUON_ENV} must be auto, 0 or 1, got {value!r}")
+    return "auto"
+
+
+def gluon_preferred(p: PackedProblem, plan: GluonPlan) -> bool:
+    """Where ``FLASHDECODE_GLUON=auto`` takes the Gluon kernel: a paged cache (its producer warp
+    reads the block table while the consumers compute, and a tile's pages arrive as TMA boxes),
+    at most 16 query heads per KV head, and splits of more than 4 key tiles.
+
+    Timed on an H200 (2026-11-29, runs 69-70, benchmark A/B, best of 2 rounds, µs, Triton
+    kernel -> Gluon kernel, page 16): faster on B=1 L=32768 39.4 -> 37.6, MHA 16,4096 253.9 ->
+    248.4, 128,2048 252.4 -> 248.3, 9/3 heads 31.0 -> 30.6, ragged 503.2 -> 500.1; slower on
+    B=1 L=4096 (4 tiles per split) 10.7 -> 12.8 and MQA (32 query rows, whose probabilities
+    cross warps) 44.9 -> 45.4. A contiguous cache keeps the Triton kernel: the Gluon kernel
+    won only B=1 L=32768 there (36.9 -> 36.1) and lost MQA, 9/3 heads and B=64 L=16384."""
+    group = p.q.shape[1] // p.k_pages.shape[2]
+    tiles = heuristics.tiles_per_split(p.block_table.shape[1] * p.page_size, plan.block_n, plan.splits)
+    return p.block_table.shape[1] > 1 and group <= 16 and tiles > 4
 
 
 def gluon_plan(p: PackedProblem) -> GluonPlan | None:
     """The plan of the Gluon decode kernel (`gluon_decode.py`) for ``p``, or None where the Triton
-    kernel runs: unless `gluon_enabled`, on a GPU other than compute capability 9.x (Hopper's TMA
-    with Ampere-style MMA), with a Triton outside ``GLUON_TRITON_VERSIONS``, and for the problems
-    `gluon_problem_supported` turns down.
-
-    Key tiles as the Triton kernel's (64 keys at D=128, 128 at D=64) and its split count for a
-    contiguous decode grid; 3 pipeline stages, 2 at D=64 and for splits of at most 4 tiles.
-
-    Timed on an H200 (2026-11-28, run 66, the benchmark with the knob off and on, best of 2
-    rounds, µs): faster on the grids of at most one program per SM at D=128 (B=1 L=32768 37.0 ->
-    36.3, B=1 L=131072 125.2 -> 124.6, B=8 L=8192 66.5 -> 65.9), slower elsewhere (B=1 L=4096
-    10.3 -> 10.4, 32,4096 124.3 -> 125.6, MHA 16,4096 247.7 -> 250.4, 64,16384 957.0 -> 975.4,
-    9/3 heads D=64 29.3 -> 30.1, ragged 497.9 -> 500.7). Hence off by default. Its prototype
-    without masked tiles (run 65) had been faster on B=1 L=4096 (9.9 against 10.3) and MHA (240.0
-    against 242.9).
-    """
-    if not gluon_enabled():
+    kernel runs: as `gluon_mode` says, never on a GPU other than compute capability 9.x (Hopper's
+    TMA with Ampere-style MMA), with a Triton outside ``GLUON_TRITON_VERSIONS``, or for the
+    problems `gluon_problem_supported` turns down."""
+    mode = gluon_mode()
+    if mode == "0":
         return None
     if not (p.q.is_cuda and torch.cuda.get_device_capability(p.q.device)[0] == 9
             and triton.__version__.startswith(GLUON_TRITON_VERSIONS) and gluon_problem_supported(p)):
         return None
-    return gluon_launch_plan(p, num_sms(p.q.device))
+    plan = gluon_launch_plan(p, num_sms(p.q.device))
+    return plan if mode == "1" or gluon_preferred(p, plan) else None
 
 
 def gluon_launch_plan(p: PackedProblem, sms: int) -> GluonPlan:

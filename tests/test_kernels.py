@@ -1228,19 +1228,20 @@ def test_gluon_knob_defaults_to_auto_is_checked_and_a_cpu_tensor_keeps_the_trito
 
 
 @pytest.mark.parametrize("batch, heads, kv_heads, keys, preferred", [
-    # Paged caches (pages of 16 slots) with more than 4 key tiles per split and at most 16 query
-    # heads per KV head; not a contiguous cache, MQA or B=1 L=4096 (4 tiles per split).
+    # Every paged cache; a contiguous one where each program has an SM of its own (132 SMs).
     (1, 32, 8, -32768, True),
     (16, 32, 32, -4096, True),
     (64, 9, 3, -2048, True),
-    (1, 32, 8, 32768, False),
-    (32, 32, 1, -8192, False),
-    (1, 32, 8, -4096, False),
+    (32, 32, 1, -8192, True),
+    (1, 32, 8, 4096, True),
+    (32, 32, 1, 8192, True),
+    (64, 9, 3, 2048, False),
+    (16, 32, 32, 4096, False),
 ])
 def test_gluon_preferred(batch, heads, kv_heads, keys, preferred):
     launch = _launch()
     p = _meta_problem(batch, heads, kv_heads, keys, 64 if heads == 9 else 128)
-    assert launch.gluon_preferred(p, launch.gluon_launch_plan(p, 132)) is preferred
+    assert launch.gluon_preferred(p, launch.gluon_launch_plan(p, 132), 132) is preferred
 
 
 def _meta_problem(batch: int, heads: int, kv_heads: int, keys: int, head_dim: int):

@@ -363,20 +363,21 @@ def gluon_mode() -> str:
     return "auto"
 
 
-def gluon_preferred(p: PackedProblem, plan: GluonPlan) -> bool:
+def gluon_preferred(p: PackedProblem, plan: GluonPlan, sms: int) -> bool:
     """Where ``FLASHDECODE_GLUON=auto`` takes the Gluon kernel: a paged cache (its producer warp
     reads the block table while the consumers compute, and a tile's pages arrive as TMA boxes),
-    at most 16 query heads per KV head, and splits of more than 4 key tiles.
+    and a contiguous cache whose grid gives every program an SM of its own (``sms`` SMs).
 
-    Timed on an H200 (2026-11-29, runs 69-70, benchmark A/B, best of 2 rounds, µs, Triton
-    kernel -> Gluon kernel, page 16): faster on B=1 L=32768 39.4 -> 37.6, MHA 16,4096 253.9 ->
-    248.4, 128,2048 252.4 -> 248.3, 9/3 heads 31.0 -> 30.6, ragged 503.2 -> 500.1; slower on
-    B=1 L=4096 (4 tiles per split) 10.7 -> 12.8 and MQA (32 query rows, whose probabilities
-    cross warps) 44.9 -> 45.4. A contiguous cache keeps the Triton kernel: the Gluon kernel
-    won only B=1 L=32768 there (36.9 -> 36.1) and lost MQA, 9/3 heads and B=64 L=16384."""
-    group = p.q.shape[1] // p.k_pages.shape[2]
-    tiles = heuristics.tiles_per_split(p.block_table.shape[1] * p.page_size, plan.block_n, plan.splits)
-    return p.block_table.shape[1] > 1 and group <= 16 and tiles > 4
+    Timed on an H200 (2026-11-29, benchmark A/B, best of 2 rounds, µs, Triton kernel -> Gluon
+    kernel). Run 73, the kernel as it is: B=1 L=4096 10.3 -> 9.4 (paged 10.7 -> 10.1), MQA
+    B=32 L=8192 41.9 -> 41.1 (paged 44.8 -> 42.9), B=1 L=32768 37.0 -> 36.3 (paged 39.4 ->
+    37.7); 9/3 heads D=64 (192 programs) 29.1 -> 31.5 contiguous but paged 31.1 -> 30.5. Run 71,
+    with the combine kernel launched early (see `gluon_decode`): paged 128,2048 252.2 -> 248.9,
+    MHA 16,4096 254.2 -> 249.3, ragged 503.5 -> 501.0, B=64 L=16384 976.5 -> 985.9; contiguous
+    grids of several programs per SM were 0.3-1.8% slower (B=64 L=16384 957.5 -> 974.4)."""
+    if p.block_table.shape[1] > 1:
+        return True
+    return p.batch * p.k_pages.shape[2] * plan.splits <= sms
 
 
 def gluon_plan(p: PackedProblem) -> GluonPlan | None:
@@ -390,8 +391,9 @@ def gluon_plan(p: PackedProblem) -> GluonPlan | None:
     if not (p.q.is_cuda and torch.cuda.get_device_capability(p.q.device)[0] == 9
             and triton.__version__.startswith(GLUON_TRITON_VERSIONS) and gluon_problem_supported(p)):
         return None
-    plan = gluon_launch_plan(p, num_sms(p.q.device))
-    return plan if mode == "1" or gluon_preferred(p, plan) else None
+    sms = num_sms(p.q.device)
+    plan = gluon_launch_plan(p, sms)
+    return plan if mode == "1" or gluon_preferred(p, plan, sms) else None
 
 
 def gluon_launch_plan(p: PackedProblem, sms: int) -> GluonPlan:

@@ -1228,13 +1228,19 @@ def test_gluon_knob_defaults_to_auto_is_checked_and_a_cpu_tensor_keeps_the_trito
 
 
 @pytest.mark.parametrize("batch, heads, kv_heads, keys, preferred", [
-    # Every paged cache; a contiguous one where each program has an SM of its own (132 SMs).
+    # Every paged cache; a contiguous one where each program has an SM of its own (132 SMs) and
+    # at most 64 key tiles (B=1 L=131072: 16 splits of 128 tiles).
     (1, 32, 8, -32768, True),
     (16, 32, 32, -4096, True),
     (64, 9, 3, -2048, True),
     (32, 32, 1, -8192, True),
+    (1, 32, 8, -131072, True),
     (1, 32, 8, 4096, True),
     (32, 32, 1, 8192, True),
+    (8, 32, 8, 8192, True),
+    (132, 4, 1, 4096, True),  # 132 programs of 64 tiles: at both limits
+    (133, 4, 1, 4096, False),
+    (1, 32, 8, 131072, False),
     (64, 9, 3, 2048, False),
     (16, 32, 32, 4096, False),
 ])

@@ -1,20 +1,26 @@
-"""Decode attention over a contiguous cache as a Gluon kernel (Hopper): an alternative to
-`attention_split_kernel` for the calls `launch.gluon_plan` accepts (one query per sequence, no
-append, no window, softcap or ALiBi), with ``FLASHDECODE_GLUON=1``; off by default (the
-measurements are at `launch.gluon_plan`).
+"""Decode attention as a Gluon kernel (Hopper): an alternative to `attention_split_kernel` for
+the calls `launch.gluon_problem_supported` accepts (one query per sequence, no append, window,
+softcap or ALiBi; a 16-bit cache, contiguous or of pages of at least 16 slots), taken where
+`launch.gluon_preferred` says (``FLASHDECODE_GLUON``).
 
-Gluon is Triton's lower-level dialect: layouts, shared memory and barriers are written out
-instead of chosen by the compiler. Two choices make it differ from `attention_split_kernel`:
+Gluon is Triton's lower-level dialect: layouts, shared memory, barriers and warp roles are
+written out instead of chosen by the compiler. What differs from `attention_split_kernel`:
 
-* Every warp computes the whole score tile (the query rows, at most 16, fill one MMA tile, and
-  the score layout repeats it over the warps), so the row max, the probabilities and their
-  conversion into the next product's operand never leave a warp. The value product splits the
-  head dim over the warps. Compiled by Triton 3.6 for sm_90 (D=128, 64-key tiles) the key loop has
-  no shared-memory round trip and 4 CTA barriers (those Gluon puts around the TMA issue), where
-  the Triton kernel has 7, but 383 instructions instead of 217 (80 of them tensor-core
-  instructions, against 32).
-* K/V tiles arrive by TMA into a ring of ``STAGES`` buffers, each with an mbarrier; a CTA barrier
-  at the top of each iteration lets the ring reuse the buffer of the tile before.
+* Warp specialisation. A producer warp (`_load_partition`) fills a ring of ``STAGES`` K/V buffers
+  by TMA, one box per page of a paged cache (so a 64-key tile of 16-slot pages is four boxes),
+  reading the block table itself; the four consumer warps (`_compute_partition`) wait on each
+  buffer's "ready" mbarrier and hand it back through its "empty" one. The consumers' key loop
+  has no block-table read and two barriers among the consumer warps (one before the hand-back,
+  which one thread signals; the Triton kernel's loop has 7 CTA barriers).
+* Every consumer warp computes the whole score tile (up to 16 query rows, one MMA tile, the
+  layout repeating it over the warps), so the row max, the probabilities and their conversion
+  into the next product's operand never leave a warp; the value product splits the head dim
+  over the warps. With 32 query rows (MQA) each warp has 16 of them and the probabilities cross
+  warps once per tile. Compiled by Triton 3.6 for sm_90 (`aot_check`, D=128, 64-key tiles): 340
+  instructions per key tile (80 tensor-core instructions; the Triton kernel has 217 and 32),
+  no spill, consumers at up to 232 registers, two programs per SM (``MAX_REGISTERS``).
+* Programmatic dependent launch: it waits for the previous kernel before its first read, and the
+  consumer warps let the next kernel launch once their key loop is done.
 
 Tiles that reach outside the sequence's keys (before its left padding, past its end) mask their
 scores and zero their values, which they load through registers so that NaN in unused slots

@@ -363,21 +363,32 @@ def gluon_mode() -> str:
     return "auto"
 
 
+# A contiguous grid of one program per SM takes the Gluon kernel for splits of at most this many
+# key tiles: it has less fixed cost per program than the Triton kernel (no CTA barrier in its
+# ring, the page id read with the lengths), but a longer key loop (the score tile is computed by
+# every warp). On an H200 (runs 71 and 73-74): B=1 L=4096 (4 tiles per split) 10.3 -> 9.4 µs,
+# B=1 L=32768 (32) 37.0 -> 36.3, MQA (32) 41.9 -> 41.1, B=8 L=8192 (64) 66.5 -> 66.4, but
+# B=1 L=131072 (128 tiles) 125.2 -> 126.4 (126.6 in run 71).
+GLUON_CONTIGUOUS_MAX_TILES = 64
+
+
 def gluon_preferred(p: PackedProblem, plan: GluonPlan, sms: int) -> bool:
-    """Where ``FLASHDECODE_GLUON=auto`` takes the Gluon kernel: a paged cache (its producer warp
-    reads the block table while the consumers compute, and a tile's pages arrive as TMA boxes),
-    and a contiguous cache whose grid gives every program an SM of its own (``sms`` SMs).
+    """Where ``FLASHDECODE_GLUON=auto`` takes the Gluon kernel: every paged cache it supports
+    (its producer warp reads the block table while the consumers compute, and a tile's pages
+    arrive as TMA boxes), and a contiguous cache whose grid gives every program an SM of its own
+    (``sms`` SMs) and whose splits hold at most ``GLUON_CONTIGUOUS_MAX_TILES`` key tiles.
 
     Timed on an H200 (2026-11-29, benchmark A/B, best of 2 rounds, µs, Triton kernel -> Gluon
-    kernel). Run 73, the kernel as it is: B=1 L=4096 10.3 -> 9.4 (paged 10.7 -> 10.1), MQA
-    B=32 L=8192 41.9 -> 41.1 (paged 44.8 -> 42.9), B=1 L=32768 37.0 -> 36.3 (paged 39.4 ->
-    37.7); 9/3 heads D=64 (192 programs) 29.1 -> 31.5 contiguous but paged 31.1 -> 30.5. Run 71,
-    with the combine kernel launched early (see `gluon_decode`): paged 128,2048 252.2 -> 248.9,
-    MHA 16,4096 254.2 -> 249.3, ragged 503.5 -> 501.0, B=64 L=16384 976.5 -> 985.9; contiguous
-    grids of several programs per SM were 0.3-1.8% slower (B=64 L=16384 957.5 -> 974.4)."""
+    kernel). Run 73, the kernel as it is, paged (page 16): B=1 L=4096 10.7 -> 10.1, MQA B=32
+    L=8192 44.8 -> 42.9, B=1 L=32768 39.4 -> 37.7, 9/3 heads D=64 31.1 -> 30.5. Run 71, with the
+    next kernel launched early (see `gluon_decode`), paged: 128,2048 252.2 -> 248.9, MHA 16,4096
+    254.2 -> 249.3, ragged 503.5 -> 501.0, B=64 L=16384 976.5 -> 985.9. Contiguous grids of more
+    than one program per SM stay on the Triton kernel: 0.3-1.8% slower there in run 71 (B=64
+    L=16384 957.5 -> 974.4), and 9/3 heads 29.1 -> 31.5 in run 73."""
     if p.block_table.shape[1] > 1:
         return True
-    return p.batch * p.k_pages.shape[2] * plan.splits <= sms
+    tiles = heuristics.tiles_per_split(p.page_size, plan.block_n, plan.splits)
+    return p.batch * p.k_pages.shape[2] * plan.splits <= sms and tiles <= GLUON_CONTIGUOUS_MAX_TILES
 
 
 def gluon_plan(p: PackedProblem) -> GluonPlan | None:

@@ -220,7 +220,8 @@ def attention_variant(**kw: Any) -> Any:
     return _compile(attention_split_kernel, ptrs, consts, ("qk_scale", "softcap_log2"), num_warps, num_stages)
 
 
-# The Gluon decode kernel (`gluon_decode.py`, FLASHDECODE_GLUON=1) as `launch.gluon_plan` plans it.
+# The Gluon decode kernel (`gluon_decode.py`) as `launch.gluon_launch_plan` plans it: contiguous
+# (ONE_PAGE, one TMA box per tile) and paged caches (one box per 16-slot page).
 GLUON_VARIANTS: dict[str, dict[str, Any]] = {
     "gluon-decode-d128-split": dict(GROUP=4, HEAD_DIM=128, BLOCK_N=64, BOX_N=64, STAGES=3, SPLIT=True, ONE_PAGE=True),
     "gluon-decode-d64": dict(GROUP=3, HEAD_DIM=64, BLOCK_N=128, BOX_N=128, STAGES=2, SPLIT=False, ONE_PAGE=True),

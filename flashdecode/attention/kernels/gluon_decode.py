@@ -90,7 +90,7 @@ def _grid_dependency(INSTRUCTION: gl.constexpr):
 @gluon.jit
 def _load_partition(K_DESC, V_DESC, table_row, row0, k_smem, v_smem, ready, empty, s_lo, n_tiles, page_size,
                     table_width, num_pages, col0, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, BOX_N: gl.constexpr,
-                    ONE_PAGE: gl.constexpr, USE_PDL: gl.constexpr):
+                    ONE_PAGE: gl.constexpr):
     """The producer warp: fills the ring with the split's key tiles, each ``BLOCK_N // BOX_N`` TMA
     boxes (one per page of a paged cache), as soon as the consumers have released a buffer. With
     ``ONE_PAGE`` (a contiguous cache) slot s is row ``row0 + s``."""
@@ -263,7 +263,7 @@ def gluon_decode_kernel(
                               split, stride_os, stride_ot, stride_oh, stride_od, stride_ls, stride_lh, stride_lt,
                               GROUP, BLOCK_M, HEAD_DIM, BLOCK_N, STAGES, SPLIT, USE_PDL)),
         (_load_partition, (K_DESC, V_DESC, table_row, row0, k_smem, v_smem, ready, empty, s_lo, n_tiles, page_size,
-                           table_width, num_pages, hk * HEAD_DIM, STAGES, BLOCK_N, BOX_N, ONE_PAGE, USE_PDL)),
+                           table_width, num_pages, hk * HEAD_DIM, STAGES, BLOCK_N, BOX_N, ONE_PAGE)),
     ], [1], [LOAD_REGS])
 
 
@@ -285,6 +285,7 @@ def launch(p, o_dst, l_dst, o_strides: tuple[int, ...], l_strides: tuple[int, in
     layout = gl.NVMMASharedLayout.get_default_for([block_n, head_dim], element)
     # One box per tile, or one per page where pages are shorter than a tile.
     box_n = block_n if p.block_table.shape[1] == 1 else min(block_n, page_size)
+    group = q.shape[1] // num_kv_heads
     k_desc = TensorDescriptor(kc.view(rows, cols), [rows, cols], [cols, 1], [box_n, head_dim], layout)
     v_desc = TensorDescriptor(vc.view(rows, cols), [rows, cols], [cols, 1], [box_n, head_dim], layout)
     gluon_decode_kernel[(num_kv_heads, p.batch, splits)](
@@ -293,7 +294,8 @@ def launch(p, o_dst, l_dst, o_strides: tuple[int, ...], l_strides: tuple[int, in
         q.stride(0), q.stride(1), p.block_table.stride(0),
         o_strides[0], o_strides[1], o_strides[2], o_strides[3],
         l_strides[0], l_strides[1], l_strides[2],
-        GROUP=q.shape[1] // num_kv_heads, BLOCK_M=16 if q.shape[1] // num_kv_heads <= 16 else 32, HEAD_DIM=head_dim, BLOCK_N=block_n, BOX_N=box_n,
-        STAGES=num_stages, SPLIT=splits > 1, ONE_PAGE=p.block_table.shape[1] == 1, USE_PDL=pdl, LOAD_REGS=LOAD_PARTITION_REGS, num_warps=4,
-        maxnreg=MAX_REGISTERS, **({"launch_pdl": True} if pdl else {}),
+        GROUP=group, BLOCK_M=16 if group <= 16 else 32, HEAD_DIM=head_dim, BLOCK_N=block_n, BOX_N=box_n,
+        STAGES=num_stages, SPLIT=splits > 1, ONE_PAGE=p.block_table.shape[1] == 1, USE_PDL=pdl,
+        LOAD_REGS=LOAD_PARTITION_REGS, num_warps=4, maxnreg=MAX_REGISTERS,
+        **({"launch_pdl": True} if pdl else {}),
     )

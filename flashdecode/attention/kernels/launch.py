@@ -364,11 +364,12 @@ def gluon_mode() -> str:
 
 
 # A contiguous grid of one program per SM takes the Gluon kernel for splits of at most this many
-# key tiles: it has less fixed cost per program than the Triton kernel (no CTA barrier in its
-# ring, the page id read with the lengths), but a longer key loop (the score tile is computed by
-# every warp). On an H200 (runs 71 and 73-74): B=1 L=4096 (4 tiles per split) 10.3 -> 9.4 µs,
-# B=1 L=32768 (32) 37.0 -> 36.3, MQA (32) 41.9 -> 41.1, B=8 L=8192 (64) 66.5 -> 66.4, but
-# B=1 L=131072 (128 tiles) 125.2 -> 126.4 (126.6 in run 71).
+# key tiles: it has less fixed cost per program than the Triton kernel (a producer warp issues
+# the loads, the page id is read with the lengths), but a longer key loop (every consumer warp
+# computes the whole score tile). On an H200 (runs 71-74, Triton kernel -> Gluon kernel, µs;
+# not all in one call): B=1 L=4096 (4 tiles per split) 10.3 -> 9.4, B=1 L=32768 (32) 37.0 ->
+# 36.3, MQA (32) 41.9 -> 41.1, B=8 L=8192 (64) 66.5 -> 66.4, but B=1 L=131072 (128 tiles)
+# 125.2 -> 126.4 (126.6 in run 71).
 GLUON_CONTIGUOUS_MAX_TILES = 64
 
 

@@ -584,21 +584,26 @@ def test_tma_knob_and_eligibility(monkeypatch):
         launch.kv_descriptors(p, 64)
 
 
-def _planned(monkeypatch, batch, heads, kv_heads, keys, page_size=None, q_len=1, head_dim=128):
-    """`launch._plan` of a bf16 problem of these shapes on a 132-SM GPU (meta tensors: shapes only)."""
+def _meta_problem(batch, heads, kv_heads, keys, page_size=None, q_len=1, head_dim=128):
+    """The shapes of a bf16 problem (meta tensors) with ``keys`` slots per sequence, in pages of
+    ``page_size`` slots (default: a contiguous cache, one page per sequence)."""
     import types
 
-    launch = _launch()
-    monkeypatch.setattr(launch, "num_sms", lambda device: 132)
     page = page_size or keys
     meta = dict(device="meta", dtype=torch.bfloat16)
-    p = types.SimpleNamespace(
+    return types.SimpleNamespace(
         q=torch.empty(batch * q_len, heads, head_dim, **meta),
         k_pages=torch.empty(batch * keys // page, page, kv_heads, head_dim, **meta),
         block_table=torch.empty(batch, keys // page, dtype=torch.int32, device="meta"),
         max_seqlen_q=q_len, batch=batch, page_size=page, num_splits=0,
     )
-    return launch._plan(p)
+
+
+def _planned(monkeypatch, batch, heads, kv_heads, keys, page_size=None, q_len=1, head_dim=128):
+    """`launch._plan` of a bf16 problem of these shapes on a 132-SM GPU (meta tensors: shapes only)."""
+    launch = _launch()
+    monkeypatch.setattr(launch, "num_sms", lambda device: 132)
+    return launch._plan(_meta_problem(batch, heads, kv_heads, keys, page_size, q_len, head_dim))
 
 
 @pytest.mark.parametrize("batch, heads, kv_heads, keys, head_dim, contiguous, paged", [
@@ -1227,60 +1232,44 @@ def test_gluon_knob_defaults_to_auto_is_checked_and_a_cpu_tensor_keeps_the_trito
         launch.gluon_plan(p)
 
 
-@pytest.mark.parametrize("batch, heads, kv_heads, keys, preferred", [
+@pytest.mark.parametrize("batch, heads, kv_heads, keys, page_size, preferred", [
     # Every paged cache; a contiguous one where each program has an SM of its own (132 SMs) and
     # at most 64 key tiles (B=1 L=131072: 16 splits of 128 tiles).
-    (1, 32, 8, -32768, True),
-    (16, 32, 32, -4096, True),
-    (64, 9, 3, -2048, True),
-    (32, 32, 1, -8192, True),
-    (1, 32, 8, -131072, True),
-    (1, 32, 8, 4096, True),
-    (32, 32, 1, 8192, True),
-    (8, 32, 8, 8192, True),
-    (132, 4, 1, 4096, True),  # 132 programs of 64 tiles: at both limits
-    (133, 4, 1, 4096, False),
-    (1, 32, 8, 131072, False),
-    (64, 9, 3, 2048, False),
-    (16, 32, 32, 4096, False),
+    (1, 32, 8, 32768, 16, True),
+    (16, 32, 32, 4096, 16, True),
+    (64, 9, 3, 2048, 16, True),
+    (32, 32, 1, 8192, 16, True),
+    (1, 32, 8, 131072, 16, True),
+    (1, 32, 8, 4096, None, True),
+    (32, 32, 1, 8192, None, True),
+    (8, 32, 8, 8192, None, True),
+    (132, 4, 1, 4096, None, True),  # 132 programs of 64 tiles: at both limits
+    (133, 4, 1, 4096, None, False),
+    (1, 32, 8, 131072, None, False),
+    (64, 9, 3, 2048, None, False),
+    (16, 32, 32, 4096, None, False),
 ])
-def test_gluon_preferred(batch, heads, kv_heads, keys, preferred):
+def test_gluon_preferred(batch, heads, kv_heads, keys, page_size, preferred):
     launch = _launch()
-    p = _meta_problem(batch, heads, kv_heads, keys, 64 if heads == 9 else 128)
-    assert launch.gluon_preferred(p, launch.gluon_launch_plan(p, 132), 132) is preferred
+    p = _meta_problem(batch, heads, kv_heads, keys, page_size, head_dim=64 if heads == 9 else 128)
+    assert launch.gluon_preferred(p, launch.gluon_launch_plan(p, 132)) is preferred
 
 
-def _meta_problem(batch: int, heads: int, kv_heads: int, keys: int, head_dim: int):
-    """The shapes of a decode problem, on the meta device; ``keys`` < 0: that many slots per
-    sequence in pages of 16, else a contiguous cache of ``keys`` slots."""
-    import types
-
-    meta = dict(device="meta", dtype=torch.bfloat16)
-    page_size, width = (keys, 1) if keys > 0 else (16, -keys // 16)
-    return types.SimpleNamespace(
-        q=torch.empty(batch, heads, head_dim, **meta),
-        k_pages=torch.empty(batch * width, page_size, kv_heads, head_dim, **meta),
-        block_table=torch.empty(batch, width, dtype=torch.int32, device="meta"), batch=batch, page_size=page_size,
-        num_splits=0,
-    )
-
-
-@pytest.mark.parametrize("batch, heads, kv_heads, keys, head_dim, plan", [
+@pytest.mark.parametrize("batch, heads, kv_heads, keys, page_size, head_dim, plan", [
     # (block_n, stages, splits) on 132 SMs: the split count of the Triton kernel's contiguous plan;
     # 4 stages where every program has an SM and at least 8 tiles, else 2 for splits of at most 4
     # tiles, 3 otherwise.
-    (1, 32, 8, 32768, 128, (64, 4, 16)),
-    (1, 32, 8, 4096, 128, (64, 2, 16)),
-    (8, 32, 8, 8192, 128, (64, 4, 2)),
-    (32, 32, 1, 8192, 128, (64, 4, 4)),
-    (64, 9, 3, 2048, 64, (128, 3, 1)),
-    (16, 32, 32, 4096, 128, (64, 3, 4)),
-    (128, 32, 8, 2048, 128, (64, 3, 1)),
+    (1, 32, 8, 32768, None, 128, (64, 4, 16)),
+    (1, 32, 8, 4096, None, 128, (64, 2, 16)),
+    (8, 32, 8, 8192, None, 128, (64, 4, 2)),
+    (32, 32, 1, 8192, None, 128, (64, 4, 4)),
+    (64, 9, 3, 2048, None, 64, (128, 3, 1)),
+    (16, 32, 32, 4096, None, 128, (64, 3, 4)),
+    (128, 32, 8, 2048, None, 128, (64, 3, 1)),
     # A paged cache (pages of 16 slots) gets the plan of the contiguous one.
-    (1, 32, 8, -32768, 128, (64, 4, 16)),
-    (64, 9, 3, -2048, 64, (128, 3, 1)),
+    (1, 32, 8, 32768, 16, 128, (64, 4, 16)),
+    (64, 9, 3, 2048, 16, 64, (128, 3, 1)),
 ])
-def test_gluon_launch_plan(batch, heads, kv_heads, keys, head_dim, plan):
-    """``keys`` < 0: that many slots per sequence in pages of 16."""
-    got = _launch().gluon_launch_plan(_meta_problem(batch, heads, kv_heads, keys, head_dim), 132)
+def test_gluon_launch_plan(batch, heads, kv_heads, keys, page_size, head_dim, plan):
+    got = _launch().gluon_launch_plan(_meta_problem(batch, heads, kv_heads, keys, page_size, head_dim=head_dim), 132)
     assert (got.block_n, got.num_stages, got.splits) == plan

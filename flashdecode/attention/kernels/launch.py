@@ -310,11 +310,14 @@ def fuse_append(p: PackedProblem) -> bool:
 
 @dataclass(frozen=True)
 class GluonPlan:
-    """Launch plan of the Gluon decode kernel (`gluon_decode.py`)."""
+    """Launch plan of the Gluon decode kernel (`gluon_decode.py`): tiles, stages, splits, the key
+    tiles of the longest split, and whether every program has an SM of its own."""
 
     block_n: int
     num_stages: int
     splits: int
+    tiles_per_split: int
+    lone: bool
 
 
 def gluon_block_n(head_dim: int) -> int:
@@ -373,11 +376,11 @@ def gluon_mode() -> str:
 GLUON_CONTIGUOUS_MAX_TILES = 64
 
 
-def gluon_preferred(p: PackedProblem, plan: GluonPlan, sms: int) -> bool:
+def gluon_preferred(p: PackedProblem, plan: GluonPlan) -> bool:
     """Where ``FLASHDECODE_GLUON=auto`` takes the Gluon kernel: every paged cache it supports
     (its producer warp reads the block table while the consumers compute, and a tile's pages
     arrive as TMA boxes), and a contiguous cache whose grid gives every program an SM of its own
-    (``sms`` SMs) and whose splits hold at most ``GLUON_CONTIGUOUS_MAX_TILES`` key tiles.
+    (``plan.lone``) and whose splits hold at most ``GLUON_CONTIGUOUS_MAX_TILES`` key tiles.
 
     Timed on an H200 (2026-11-29, benchmark A/B, best of 2 rounds, µs, Triton kernel -> Gluon
     kernel). Run 73, the kernel as it is, paged (page 16): B=1 L=4096 10.7 -> 10.1, MQA B=32
@@ -388,8 +391,7 @@ def gluon_preferred(p: PackedProblem, plan: GluonPlan, sms: int) -> bool:
     L=16384 957.5 -> 974.4), and 9/3 heads 29.1 -> 31.5 in run 73."""
     if p.block_table.shape[1] > 1:
         return True
-    tiles = heuristics.tiles_per_split(p.page_size, plan.block_n, plan.splits)
-    return p.batch * p.k_pages.shape[2] * plan.splits <= sms and tiles <= GLUON_CONTIGUOUS_MAX_TILES
+    return plan.lone and plan.tiles_per_split <= GLUON_CONTIGUOUS_MAX_TILES
 
 
 def gluon_plan(p: PackedProblem) -> GluonPlan | None:
@@ -403,9 +405,8 @@ def gluon_plan(p: PackedProblem) -> GluonPlan | None:
     if not (p.q.is_cuda and torch.cuda.get_device_capability(p.q.device)[0] == 9
             and triton.__version__.startswith(GLUON_TRITON_VERSIONS) and gluon_problem_supported(p)):
         return None
-    sms = num_sms(p.q.device)
-    plan = gluon_launch_plan(p, sms)
-    return plan if mode == "1" or gluon_preferred(p, plan, sms) else None
+    plan = gluon_launch_plan(p, num_sms(p.q.device))
+    return plan if mode == "1" or gluon_preferred(p, plan) else None
 
 
 def gluon_launch_plan(p: PackedProblem, sms: int) -> GluonPlan:
@@ -420,11 +421,12 @@ def gluon_launch_plan(p: PackedProblem, sms: int) -> GluonPlan:
         fill_per_sm=heuristics.CONTIGUOUS_PROGRAMS_PER_SM,
     )
     tiles = heuristics.tiles_per_split(capacity, block_n, splits)
-    if p.batch * num_kv_heads * splits <= sms and tiles >= heuristics.LONE_PROGRAM_MIN_TILES:
+    lone = p.batch * num_kv_heads * splits <= sms
+    if lone and tiles >= heuristics.LONE_PROGRAM_MIN_TILES:
         stages = heuristics.LONE_PROGRAM_STAGES  # an SM to itself: its shared memory for loads in flight
     else:
         stages = 2 if tiles <= 4 else 3
-    return GluonPlan(block_n=block_n, num_stages=stages, splits=splits)
+    return GluonPlan(block_n=block_n, num_stages=stages, splits=splits, tiles_per_split=tiles, lone=lone)
 
 
 def _split_buffers(out: torch.Tensor, lse: torch.Tensor, splits: int):

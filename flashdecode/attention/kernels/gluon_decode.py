@@ -12,6 +12,13 @@ written out instead of chosen by the compiler. What differs from `attention_spli
   buffer's "ready" mbarrier and hand it back through its "empty" one. The consumers' key loop
   has no block-table read and two barriers among the consumer warps (one before the hand-back,
   which one thread signals; the Triton kernel's loop has 7 CTA barriers).
+* One memory round trip before the first load, where the sequence fills its block table (as
+  a table as wide as the batch's longest sequence needs has it for that sequence). Each
+  partition reads the lengths itself (the shared prologue waits on nothing), and the producer
+  reads, with them, the page ids of the tile its split starts at if the sequence fills the
+  table; a split that starts elsewhere reads its own after the lengths. (Dealing tiles to the
+  splits in turn would make every split's first tile known, but made long splits 5-8% slower:
+  H200, runs 76-77.)
 * Every consumer warp computes the whole score tile (up to 16 query rows, one MMA tile, the
   layout repeating it over the warps), so the row max, the probabilities and their conversion
   into the next product's operand never leave a warp; the value product splits the head dim
@@ -88,27 +95,65 @@ def _grid_dependency(INSTRUCTION: gl.constexpr):
 
 
 @gluon.jit
-def _load_partition(K_DESC, V_DESC, table_row, row0, k_smem, v_smem, ready, empty, s_lo, n_tiles, page_size,
-                    table_width, num_pages, col0, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, BOX_N: gl.constexpr,
-                    ONE_PAGE: gl.constexpr):
-    """The producer warp: fills the ring with the split's key tiles, each ``BLOCK_N // BOX_N`` TMA
-    boxes (one per page of a paged cache), as soon as the consumers have released a buffer. With
-    ``ONE_PAGE`` (a contiguous cache) slot s is row ``row0 + s``."""
+def _split_tiles(CACHE_SEQLENS, CACHE_LEFTPAD, b, split, num_splits, capacity, BLOCK_N: gl.constexpr):
+    """Sequence ``b``'s keys ``[lo, hi)``, and the first slot and the count of this split's run of
+    key tiles (aligned to absolute slots, as `attention_split_kernel` deals them)."""
+    lo = gl.maximum(gl.load(CACHE_LEFTPAD + b), 0)
+    hi = gl.maximum(gl.minimum(gl.load(CACHE_SEQLENS + b), capacity), lo)
+    first = (lo // BLOCK_N) * BLOCK_N
+    per_split = gl.cdiv(gl.cdiv(hi - first, BLOCK_N), num_splits)
+    s_lo = gl.minimum(first + split * per_split * BLOCK_N, hi)
+    n_tiles = gl.cdiv(gl.minimum(s_lo + per_split * BLOCK_N, hi) - s_lo, BLOCK_N)
+    return lo, hi, s_lo, n_tiles
+
+
+@gluon.jit
+def _load_partition(K_DESC, V_DESC, CACHE_SEQLENS, CACHE_LEFTPAD, table_row, b, split, num_splits, k_smem, v_smem,
+                    ready, empty, page_size, table_width, num_pages, col0, STAGES: gl.constexpr,
+                    BLOCK_N: gl.constexpr, BOX_N: gl.constexpr, ONE_PAGE: gl.constexpr):
+    """The producer warp: fills the ring with the split's key tiles, as soon as the consumers have
+    released a buffer. A contiguous cache (``ONE_PAGE``) has slot s in row ``row0 + s``, and a
+    tile is ``BLOCK_N // BOX_N`` boxes of consecutive rows. A paged cache's tile is one box per
+    page where pages are shorter than a tile (``BOX_N == page_size``: box j is the page in column
+    ``start // page_size + j``), else one box inside a page (row ``start % page_size`` of it).
+    The page ids the first tile needs are read together with the lengths, not after them: one
+    memory round trip before the first load instead of two."""
+    BOXES: gl.constexpr = BLOCK_N // BOX_N
     tile_bytes: gl.constexpr = 2 * BLOCK_N * K_DESC.block_type.shape[1] * K_DESC.dtype.primitive_bitwidth // 8
+    box_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[BOXES], threads_per_warp=[32],
+                                                warps_per_cta=[1], order=[0])
+    boxes = gl.arange(0, BOXES, layout=box_layout)
+    capacity = table_width * page_size
+    if ONE_PAGE:
+        row0 = gl.minimum(gl.load(table_row).to(gl.uint32), num_pages - 1).to(gl.int32) * page_size
+    else:
+        # The pages of the tile this split starts at if the sequence fills its table and has no
+        # left padding (one split of a sequence that nearly does starts there too). Volatile, so
+        # that the compiler cannot sink the load past the lengths' into the loop.
+        guess_lo = split * gl.cdiv(gl.cdiv(capacity, BLOCK_N), num_splits) * BLOCK_N
+        guess = gl.load(table_row + gl.minimum(guess_lo // page_size + boxes, table_width - 1), volatile=True)
+    lo, hi, s_lo, n_tiles = _split_tiles(CACHE_SEQLENS, CACHE_LEFTPAD, b, split, num_splits, capacity, BLOCK_N)
+    if not ONE_PAGE:
+        guessed = s_lo == guess_lo
     for i in range(n_tiles):
         slot = i % STAGES
+        start = s_lo + i * BLOCK_N
+        if not ONE_PAGE:
+            # The tile's page ids, read together before the wait for a free buffer. Columns past
+            # the table (a capacity that is no multiple of the tile) read its last entry: those
+            # slots lie past the keys and the consumers mask them.
+            fresh = (i > 0) | (not guessed)
+            cols = gl.minimum(start // page_size + boxes, table_width - 1)
+            pages = gl.load(table_row + cols, mask=(boxes < BOXES) & fresh, other=0)
+            pages = gl.where(fresh, pages, guess)
+            pages = gl.minimum(pages.to(gl.uint32), num_pages - 1).to(gl.int32)
         mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1 at once
         mbarrier.expect(ready.index(slot), tile_bytes)
-        for j in gl.static_range(BLOCK_N // BOX_N):
-            key = s_lo + i * BLOCK_N + j * BOX_N
+        for j in gl.static_range(BOXES):
             if ONE_PAGE:
-                row = row0 + key
+                row = row0 + start + j * BOX_N
             else:
-                # Columns past the table (a capacity that is no multiple of the tile) read its last
-                # entry: those slots lie past the keys and the consumers mask them.
-                col = gl.minimum(key // page_size, table_width - 1)
-                page = gl.minimum(gl.load(table_row + col).to(gl.uint32), num_pages - 1).to(gl.int32)
-                row = page * page_size + key % page_size
+                row = gl.sum(gl.where(boxes == j, pages, 0), axis=0) * page_size + start % page_size
             tma.async_copy_global_to_shared(K_DESC, [row, col0], ready.index(slot),
                                             k_smem.index(slot).slice(j * BOX_N, BOX_N))
             tma.async_copy_global_to_shared(V_DESC, [row, col0], ready.index(slot),
@@ -133,7 +178,8 @@ def _consume_tile(i, q, k_smem, v_smem, ready, empty, acc, l_i, m_i, s_lo, lo, h
 
 
 @gluon.jit
-def _compute_partition(q, k_smem, v_smem, ready, empty, s_lo, n_tiles, lo, hi, qk_scale, OUT, LSE, b, hk, split,
+def _compute_partition(q, CACHE_SEQLENS, CACHE_LEFTPAD, k_smem, v_smem, ready, empty, capacity, qk_scale, OUT, LSE,
+                       b, hk, split, num_splits,
                        stride_os, stride_ot, stride_oh, stride_od, stride_ls, stride_lh, stride_lt,
                        GROUP: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                        STAGES: gl.constexpr, SPLIT: gl.constexpr, USE_PDL: gl.constexpr):
@@ -144,11 +190,15 @@ def _compute_partition(q, k_smem, v_smem, ready, empty, s_lo, n_tiles, lo, hi, q
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[ROW_WARPS, NW // ROW_WARPS],
                                                        instr_shape=[16, 8])
+    qa_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
     kb_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=s_layout, k_width=2)
     pa_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     vb_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=o_layout, k_width=2)
     ld_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16],
                                                warps_per_cta=[NW, 1], order=[1, 0])
+
+    q = gl.convert_layout(q, qa_layout)
+    lo, hi, s_lo, n_tiles = _split_tiles(CACHE_SEQLENS, CACHE_LEFTPAD, b, split, num_splits, capacity, BLOCK_N)
 
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
     l_i = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
@@ -214,12 +264,6 @@ def gluon_decode_kernel(
     contiguous cache is one page per sequence. Writes what `attention_split_kernel` writes: with
     ``SPLIT`` the normalised partial output and its log2 LSE (-inf: no key), else the output and
     its natural-log LSE (+inf and zeros: no key)."""
-    NW: gl.constexpr = gl.num_warps()
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
-    qa_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
-    ld_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16],
-                                               warps_per_cta=[NW, 1], order=[1, 0])
-
     hk = gl.program_id(0)
     b = gl.program_id(1)
     split = gl.program_id(2)
@@ -227,27 +271,17 @@ def gluon_decode_kernel(
     if USE_PDL:
         _grid_dependency("griddepcontrol.wait")
     table_row = BLOCK_TABLE + b.to(gl.int64) * stride_bt
-    if ONE_PAGE:  # read with the lengths, not after them
-        row0 = gl.minimum(gl.load(table_row).to(gl.uint32), num_pages - 1).to(gl.int32) * page_size
-    else:
-        row0 = 0
-
-    # This split's keys, in whole tiles aligned to absolute slots (as attention_split_kernel deals them).
-    lo = gl.maximum(gl.load(CACHE_LEFTPAD + b), 0)
-    hi = gl.maximum(gl.minimum(gl.load(CACHE_SEQLENS + b), table_width * page_size), lo)
-    first = (lo // BLOCK_N) * BLOCK_N
-    per_split = gl.cdiv(gl.cdiv(hi - first, BLOCK_N), num_splits)
-    s_lo = gl.minimum(first + split * per_split * BLOCK_N, hi)
-    s_hi = gl.minimum(s_lo + per_split * BLOCK_N, hi)
-    n_tiles = gl.cdiv(s_hi - s_lo, BLOCK_N)
-
+    capacity = table_width * page_size
+    # The query, in flight while the warps part (its layout changes in the consumer partition).
+    NW: gl.constexpr = gl.num_warps()
+    ld_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[2, 16],
+                                               warps_per_cta=[NW, 1], order=[1, 0])
     rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout))
     dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld_layout))
     q_ok = rows < GROUP
     q_head = hk * GROUP + gl.where(q_ok, rows, 0)
     q = gl.load(Q + b.to(gl.int64) * stride_qt + q_head[:, None] * stride_qh + dims[None, :], mask=q_ok[:, None],
                 other=0.0)
-    q = gl.convert_layout(q, qa_layout)
 
     k_smem = gl.allocate_shared_memory(K_DESC.dtype, [STAGES, BLOCK_N, HEAD_DIM], K_DESC.layout)
     v_smem = gl.allocate_shared_memory(V_DESC.dtype, [STAGES, BLOCK_N, HEAD_DIM], V_DESC.layout)
@@ -259,11 +293,13 @@ def gluon_decode_kernel(
     fence_async_shared()
 
     gl.warp_specialize([
-        (_compute_partition, (q, k_smem, v_smem, ready, empty, s_lo, n_tiles, lo, hi, qk_scale, OUT, LSE, b, hk,
-                              split, stride_os, stride_ot, stride_oh, stride_od, stride_ls, stride_lh, stride_lt,
-                              GROUP, BLOCK_M, HEAD_DIM, BLOCK_N, STAGES, SPLIT, USE_PDL)),
-        (_load_partition, (K_DESC, V_DESC, table_row, row0, k_smem, v_smem, ready, empty, s_lo, n_tiles, page_size,
-                           table_width, num_pages, hk * HEAD_DIM, STAGES, BLOCK_N, BOX_N, ONE_PAGE)),
+        (_compute_partition, (q, CACHE_SEQLENS, CACHE_LEFTPAD, k_smem, v_smem, ready, empty, capacity, qk_scale, OUT,
+                              LSE, b, hk, split, num_splits, stride_os, stride_ot, stride_oh,
+                              stride_od, stride_ls, stride_lh, stride_lt, GROUP, BLOCK_M, HEAD_DIM, BLOCK_N, STAGES,
+                              SPLIT, USE_PDL)),
+        (_load_partition, (K_DESC, V_DESC, CACHE_SEQLENS, CACHE_LEFTPAD, table_row, b, split, num_splits, k_smem,
+                           v_smem, ready, empty, page_size, table_width, num_pages, hk * HEAD_DIM, STAGES, BLOCK_N,
+                           BOX_N, ONE_PAGE)),
     ], [1], [LOAD_REGS])
 
 

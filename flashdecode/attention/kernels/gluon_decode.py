@@ -12,13 +12,13 @@ written out instead of chosen by the compiler. What differs from `attention_spli
   buffer's "ready" mbarrier and hand it back through its "empty" one. The consumers' key loop
   has no block-table read and two barriers among the consumer warps (one before the hand-back,
   which one thread signals; the Triton kernel's loop has 7 CTA barriers).
-* One memory round trip before the first load, where the sequence fills its block table (as
-  a table as wide as the batch's longest sequence needs has it for that sequence). Each
-  partition reads the lengths itself (the shared prologue waits on nothing), and the producer
-  reads, with them, the page ids of the tile its split starts at if the sequence fills the
-  table; a split that starts elsewhere reads its own after the lengths. (Dealing tiles to the
-  splits in turn would make every split's first tile known, but made long splits 5-8% slower:
-  H200, runs 76-77.)
+* One memory round trip before the first load where the sequence fills its block table (as the
+  longest sequence of a batch does when the table is as wide as that sequence needs). Each
+  partition reads the lengths itself, so the shared prologue waits on nothing. With them, the
+  producer reads the page ids of the tile its split would start at in a full table; a split
+  that starts elsewhere reads its own after the lengths. (Dealing the tiles to the splits in
+  turn would make every split's first tile known, but made long splits 5-8% slower: H200, runs
+  75-77.)
 * Every consumer warp computes the whole score tile (up to 16 query rows, one MMA tile, the
   layout repeating it over the warps), so the row max, the probabilities and their conversion
   into the next product's operand never leave a warp; the value product splits the head dim
@@ -116,8 +116,8 @@ def _load_partition(K_DESC, V_DESC, CACHE_SEQLENS, CACHE_LEFTPAD, table_row, b, 
     tile is ``BLOCK_N // BOX_N`` boxes of consecutive rows. A paged cache's tile is one box per
     page where pages are shorter than a tile (``BOX_N == page_size``: box j is the page in column
     ``start // page_size + j``), else one box inside a page (row ``start % page_size`` of it).
-    The page ids the first tile needs are read together with the lengths, not after them: one
-    memory round trip before the first load instead of two."""
+    Where the sequence fills its table, the page ids the first tile needs are read together with
+    the lengths, not after them: one memory round trip before the first load instead of two."""
     BOXES: gl.constexpr = BLOCK_N // BOX_N
     tile_bytes: gl.constexpr = 2 * BLOCK_N * K_DESC.block_type.shape[1] * K_DESC.dtype.primitive_bitwidth // 8
     box_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[BOXES], threads_per_warp=[32],
@@ -144,7 +144,7 @@ def _load_partition(K_DESC, V_DESC, CACHE_SEQLENS, CACHE_LEFTPAD, table_row, b, 
             # slots lie past the keys and the consumers mask them.
             fresh = (i > 0) | (not guessed)
             cols = gl.minimum(start // page_size + boxes, table_width - 1)
-            pages = gl.load(table_row + cols, mask=(boxes < BOXES) & fresh, other=0)
+            pages = gl.load(table_row + cols, mask=(boxes < BOXES) & fresh, other=0)  # (a mask per box)
             pages = gl.where(fresh, pages, guess)
             pages = gl.minimum(pages.to(gl.uint32), num_pages - 1).to(gl.int32)
         mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1 at once

@@ -1138,7 +1138,9 @@ GLUON_SPECS = [
          head_dim=128, dtype=torch.bfloat16, page_size=600, contiguous=True, extra_pages=0, splits=(1, 0, 3)),
     # Paged caches: 16-slot pages (four TMA boxes per 64-key tile), a table of 45 pages (720
     # slots, no multiple of the tile), left padding; 32-slot pages at D=64 (four boxes per
-    # 128-key tile); pages of two whole tiles.
+    # 128-key tile); pages of two whole tiles. Both of the producer's ways to its first page ids
+    # run: with the lengths where a split starts where it would in a full table (e.g. sequence 0
+    # of the first case, 720 slots), after them elsewhere (its left-padded and short sequences).
     Spec("gluon-paged16-gqa-leftpad", q_lens=(1, 1, 1, 1), cache_lens=(720, 0, 64, 333), new_lens=(0, 0, 0, 0),
          heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16, page_size=16, max_pages=45,
          leftpad=(0, 0, 5, 70), causal=True, splits=(1, 0, 3, 7)),

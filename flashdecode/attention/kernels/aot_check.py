@@ -236,7 +236,7 @@ GLUON_VARIANTS: dict[str, dict[str, Any]] = {
                                     ONE_PAGE=False),
     "gluon-decode-pdl": dict(GROUP=4, HEAD_DIM=128, BLOCK_N=64, BOX_N=16, STAGES=3, SPLIT=True, ONE_PAGE=False,
                              USE_PDL=True),
-    "gluon-decode-page16-mqa": dict(GROUP=32, BLOCK_M=32, HEAD_DIM=128, BLOCK_N=64, BOX_N=16, STAGES=3, SPLIT=True,
+    "gluon-decode-page16-mqa": dict(GROUP=32, BLOCK_M=32, HEAD_DIM=128, BLOCK_N=64, BOX_N=16, STAGES=4, SPLIT=True,
                                     ONE_PAGE=False),
 }
 

@@ -132,7 +132,7 @@ def _load_partition(K_DESC, V_DESC, CACHE_SEQLENS, CACHE_LEFTPAD, table_row, b, 
         # that the compiler cannot sink the load past the lengths' into the loop.
         guess_lo = split * gl.cdiv(gl.cdiv(capacity, BLOCK_N), num_splits) * BLOCK_N
         guess = gl.load(table_row + gl.minimum(guess_lo // page_size + boxes, table_width - 1), volatile=True)
-    lo, hi, s_lo, n_tiles = _split_tiles(CACHE_SEQLENS, CACHE_LEFTPAD, b, split, num_splits, capacity, BLOCK_N)
+    _, _, s_lo, n_tiles = _split_tiles(CACHE_SEQLENS, CACHE_LEFTPAD, b, split, num_splits, capacity, BLOCK_N)
     if not ONE_PAGE:
         guessed = s_lo == guess_lo
     for i in range(n_tiles):

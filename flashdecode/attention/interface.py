@@ -69,8 +69,11 @@ def pack_problem(
     cu_seqlens_k_new: torch.Tensor | None,
     rotary_seqlens: torch.Tensor | None,
     check_values: bool,
+    checks_on_device: bool = False,
 ) -> PackedProblem:
-    """Rewrite a validated call into the single layout both backends take (see problem.py)."""
+    """Rewrite a validated call into the single layout both backends take (see problem.py).
+    ``check_values``: run `validate_values` (one host sync), in one kernel launch where
+    ``checks_on_device`` (the Triton backend)."""
     batch, device = shape.batch, q.device
 
     if shape.varlen_q:
@@ -119,29 +122,9 @@ def pack_problem(
     window_right = 0 if causal else window_size[1]
 
     if check_values:
-        new_lens = cu_k[1:] - cu_k[:-1]
-        q_lens = cu_q[1:] - cu_q[:-1]
-        span = None
-        if rotary_cos is not None:
-            q_span = q_lens if (causal or local) else q_lens.clamp(max=1)
-            span = torch.maximum(new_lens, q_span)
-        validate_values(
-            shape,
-            q_packed,
-            k_cache,
-            seqlens,
-            new_lens,
-            cache_batch_idx,
-            cache_leftpad,
-            block_table,
-            table,
-            cu_seqlens_q,
-            cu_seqlens_k_new,
-            0 if k_new is None else k_new.shape[0],
-            rotary_cos,
-            rotary_rows,
-            span,
-        )
+        validate_values(shape, q_packed, k_cache, seqlens, cu_q, cu_k, cache_batch_idx, cache_leftpad, block_table,
+                        table, cu_seqlens_q, cu_seqlens_k_new, 0 if k_new is None else k_new.shape[0], rotary_cos,
+                        rotary_rows, causal or local, on_device=checks_on_device)
 
     slopes = None
     if alibi_slopes is not None:
@@ -309,7 +292,8 @@ def flash_attn_with_kvcache(
         # Eager calls skip the dispatcher round trip: it costs microseconds a decode step cannot spare.
         if not isinstance(check_values, bool):
             raise TypeError(f"check_values must be a bool, got {type(check_values).__name__}")
-        problem = pack_problem(shape, *args[:18], *args[19:], check_values=check_values and value_checks_enabled(q))
+        problem = pack_problem(shape, *args[:18], *args[19:], check_values=check_values and value_checks_enabled(q),
+                               checks_on_device=backend == "triton")
         out, lse = _run(problem, backend)
 
     if not shape.varlen_q:

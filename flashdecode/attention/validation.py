@@ -1,9 +1,11 @@
 """Every check on the arguments of `flash_attn_with_kvcache`, run before anything is written.
 
 Shape, dtype and device checks cost nothing. Checks on tensor *values* (lengths against the cache
-capacity, block-table entries against the pool, ...) are gathered into one boolean tensor and read
-back with a single host sync; they are skipped while a CUDA graph is being captured or under
-`torch.compile` (the kernels still mask every write, so bad values cannot corrupt memory).
+capacity, block-table entries against the pool, ...) are read back with a single host sync: as
+one kernel's failure counts on the Triton backend (`kernels/value_checks.py`), as one stacked
+boolean tensor on the reference backend. They are skipped while a CUDA graph is being captured
+or under `torch.compile` (the kernels still mask every write, so bad values cannot corrupt
+memory).
 """
 
 from __future__ import annotations
@@ -269,7 +271,8 @@ def validate_values(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     cache_seqlens: torch.Tensor,
-    new_lens: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
     cache_batch_idx: torch.Tensor | None,
     cache_leftpad: torch.Tensor | None,
     block_table: torch.Tensor | None,
@@ -279,57 +282,99 @@ def validate_values(
     total_new: int,
     rotary_cos: torch.Tensor | None,
     rotary_seqlens: torch.Tensor,
-    query_rotary_span: torch.Tensor | None,
+    rotary_all_queries: bool,
+    on_device: bool = False,
 ) -> None:
-    """Checks that read tensor values: one device-side reduction and one host sync in all.
+    """Checks that read tensor values, with one host sync in all; raises ValueError for the
+    first that fails, in a fixed order.
 
-    `cache_seqlens` and `new_lens` are the per-sequence int32 tensors the packing step built.
-    `query_rotary_span` is how many rotary rows past rotary_seqlens[b] each sequence needs.
-    `packed_table` is the block table with its rows already picked by `cache_batch_idx` (the
-    packing step built it), so it is not gathered twice.
+    `cache_seqlens`, `cu_q` and `cu_k` are the per-sequence int32 tensors the packing step built
+    (lengths, and offsets of the queries and of the appended keys). `packed_table` is the block
+    table with its rows already picked by `cache_batch_idx` (the packing step built it), so it is
+    not gathered twice. With rotary, each sequence needs rows up to rotary_seqlens[b] plus its
+    appended keys, or plus its queries where ``rotary_all_queries`` (causal or local attention;
+    else at most one query row). ``on_device``: count the failures in one kernel launch
+    (`kernels.value_checks`, the Triton backend's way) instead of some 50-80 small PyTorch
+    operations.
     """
-    checks: list[tuple[str, torch.Tensor]] = []
-    end = cache_seqlens.long() + new_lens.long()
-    checks.append(("cache_seqlens must be >= 0", (cache_seqlens >= 0).all()))
-    checks.append(
-        (
-            f"cache_seqlens + the appended length of k passes the cache capacity ({shape.capacity})",
-            (end <= shape.capacity).all(),
-        )
-    )
-    if cache_leftpad is not None:
-        checks.append(("cache_leftpad must be in [0, cache_seqlens]", ((cache_leftpad >= 0) & (cache_leftpad <= cache_seqlens)).all()))
+    from flashdecode.attention.kernels import value_checks as vc  # noqa: PLC0415 (the check ids)
+
     rows_available = block_table.shape[0] if block_table is not None else k_cache.shape[0]
+    checks: list[tuple[int, str]] = [
+        (vc.SEQLENS_NEGATIVE, "cache_seqlens must be >= 0"),
+        (vc.PAST_CAPACITY, f"cache_seqlens + the appended length of k passes the cache capacity ({shape.capacity})"),
+    ]
+    if cache_leftpad is not None:
+        checks.append((vc.LEFTPAD, "cache_leftpad must be in [0, cache_seqlens]"))
     if cache_batch_idx is not None:
-        checks.append(
-            (
-                f"cache_batch_idx entries must be in [0, {rows_available}) (rows of {'block_table' if block_table is not None else 'k_cache'})",
-                ((cache_batch_idx >= 0) & (cache_batch_idx < rows_available)).all(),
-            )
-        )
+        rows_of = "block_table" if block_table is not None else "k_cache"
+        checks.append((vc.BATCH_IDX, f"cache_batch_idx entries must be in [0, {rows_available}) (rows of {rows_of})"))
     if block_table is not None:
-        rows = packed_table  # the rows of block_table that the sequences use, already picked
+        checks.append((vc.TABLE, f"block_table entries must be in [0, {k_cache.shape[0]}) (pages of k_cache)"))
+    if cu_seqlens_q is not None:
+        checks.append((vc.CU_Q, f"cu_seqlens_q must start at 0, be non-decreasing and end at {q.shape[0]}"))
+    if cu_seqlens_k_new is not None:
+        checks.append((vc.CU_K, f"cu_seqlens_k_new must start at 0, be non-decreasing and end at {total_new}"))
+    check_max_q = bool(shape.varlen_q and shape.seqlen_q and cu_seqlens_q is not None)
+    if check_max_q:
+        checks.append((vc.MAX_SEQLEN_Q, "max_seqlen_q is smaller than a sequence of cu_seqlens_q"))
+    if rotary_cos is not None:
+        checks.append((vc.ROTARY, f"rotary_cos/rotary_sin have {rotary_cos.shape[0]} rows, fewer than the positions needed"))
+
+    if on_device:
+        counts = vc.failure_counts(
+            cache_seqlens, cu_q, cu_k, cache_leftpad, cache_batch_idx,
+            packed_table if block_table is not None else None,
+            rotary_seqlens if rotary_cos is not None else None,
+            capacity=shape.capacity, rows_available=rows_available, num_pages=k_cache.shape[0],
+            page_size=k_cache.shape[1], total_q=q.shape[0], total_new=total_new,
+            check_cu_q=cu_seqlens_q is not None, check_cu_k=cu_seqlens_k_new is not None,
+            max_seqlen_q=shape.seqlen_q if check_max_q else None,
+            rotary_rows=0 if rotary_cos is None else rotary_cos.shape[0], rotary_all_queries=rotary_all_queries,
+        )
+        failed = [counts[i] > 0 for i, _ in checks]
+    else:
+        ok = _value_conditions({i for i, _ in checks}, k_cache, cache_seqlens, cu_q, cu_k, cache_batch_idx, cache_leftpad, packed_table,
+                               cu_seqlens_q, cu_seqlens_k_new, rotary_seqlens, rotary_all_queries,
+                               capacity=shape.capacity, rows_available=rows_available, total_q=q.shape[0],
+                               total_new=total_new, max_seqlen_q=shape.seqlen_q,
+                               rotary_rows=0 if rotary_cos is None else rotary_cos.shape[0])
+        flags = torch.stack([ok[i] for i, _ in checks]).tolist()  # the one host sync
+        failed = [not f for f in flags]
+    for (_, message), bad in zip(checks, failed):
+        if bad:
+            raise ValueError(message)
+
+
+def _value_conditions(wanted: set[int], k_cache, cache_seqlens, cu_q, cu_k, cache_batch_idx, cache_leftpad,
+                      packed_table, cu_seqlens_q, cu_seqlens_k_new, rotary_seqlens, rotary_all_queries, *, capacity,
+                      rows_available, total_q, total_new, max_seqlen_q, rotary_rows) -> dict[int, torch.Tensor]:
+    """The checks of `validate_values` whose ids are in ``wanted``, as PyTorch expressions: check
+    id -> a boolean scalar tensor, True where the check passes."""
+    from flashdecode.attention.kernels import value_checks as vc  # noqa: PLC0415
+
+    new_lens = (cu_k[1:] - cu_k[:-1]).long()
+    q_lens = (cu_q[1:] - cu_q[:-1]).long()
+    end = cache_seqlens.long() + new_lens
+    ok = {vc.SEQLENS_NEGATIVE: (cache_seqlens >= 0).all(), vc.PAST_CAPACITY: (end <= capacity).all()}
+    if vc.LEFTPAD in wanted:
+        ok[vc.LEFTPAD] = ((cache_leftpad >= 0) & (cache_leftpad <= cache_seqlens)).all()
+    if vc.BATCH_IDX in wanted:
+        ok[vc.BATCH_IDX] = ((cache_batch_idx >= 0) & (cache_batch_idx < rows_available)).all()
+    if vc.TABLE in wanted:
         page_size = k_cache.shape[1]
         needed_pages = (end + page_size - 1) // page_size  # pages holding slots [0, end)
-        cols = torch.arange(rows.shape[1], device=rows.device)
+        cols = torch.arange(packed_table.shape[1], device=packed_table.device)
         used = cols[None, :] < needed_pages[:, None]
-        in_pool = (rows >= 0) & (rows < k_cache.shape[0])
-        checks.append((f"block_table entries must be in [0, {k_cache.shape[0]}) (pages of k_cache)", (in_pool | ~used).all()))
-    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k_new", cu_seqlens_k_new, total_new)):
-        if cu is not None:
-            ok = (cu[0] == 0) & (cu[-1] == total) & (cu[1:] >= cu[:-1]).all()
-            checks.append((f"{name} must start at 0, be non-decreasing and end at {total}", ok))
-    if shape.varlen_q and shape.seqlen_q and cu_seqlens_q is not None:
-        checks.append(("max_seqlen_q is smaller than a sequence of cu_seqlens_q", ((cu_seqlens_q[1:] - cu_seqlens_q[:-1]) <= shape.seqlen_q).all()))
-    if rotary_cos is not None and query_rotary_span is not None:
-        need = rotary_seqlens.long() + query_rotary_span.long()
-        checks.append(
-            (
-                f"rotary_cos/rotary_sin have {rotary_cos.shape[0]} rows, fewer than the positions needed",
-                ((need <= rotary_cos.shape[0]) & (rotary_seqlens >= 0)).all(),
-            )
-        )
-    flags = torch.stack([c for _, c in checks]).tolist()  # the one host sync
-    for (message, _), ok in zip(checks, flags):
-        if not ok:
-            raise ValueError(message)
+        in_pool = (packed_table >= 0) & (packed_table < k_cache.shape[0])
+        ok[vc.TABLE] = (in_pool | ~used).all()
+    for cid, cu, total in ((vc.CU_Q, cu_seqlens_q, total_q), (vc.CU_K, cu_seqlens_k_new, total_new)):
+        if cid in wanted:
+            ok[cid] = (cu[0] == 0) & (cu[-1] == total) & (cu[1:] >= cu[:-1]).all()
+    if vc.MAX_SEQLEN_Q in wanted:
+        ok[vc.MAX_SEQLEN_Q] = (q_lens <= max_seqlen_q).all()
+    if vc.ROTARY in wanted:
+        q_span = q_lens if rotary_all_queries else q_lens.clamp(max=1)
+        need = rotary_seqlens.long() + torch.maximum(new_lens, q_span)
+        ok[vc.ROTARY] = ((need <= rotary_rows) & (rotary_seqlens >= 0)).all()
+    return ok

@@ -72,6 +72,17 @@ def num_sms(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=None)
+def _compute_major(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def compute_major(device: torch.device) -> int:
+    """Major compute capability of CUDA ``device`` (asked once per device: the query costs host
+    time on every call otherwise)."""
+    return _compute_major(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
 def _max_shared_mem(device_type: str, index: int | None) -> int | None:
     if device_type != "cuda":
         return None
@@ -210,7 +221,7 @@ def kv_descriptors(p: PackedProblem, block_n: int) -> tuple[object, object] | No
     kc, vc = p.k_pages, p.v_pages
     num_pages, page_size, num_kv_heads, head_dim = kc.shape
     if kc.is_cuda:
-        if torch.cuda.get_device_capability(kc.device)[0] < 9:
+        if compute_major(kc.device) < 9:
             return None
     elif os.environ.get("TRITON_INTERPRET") != "1":
         return None
@@ -249,7 +260,7 @@ def late_row_sum(cfg: heuristics.TileConfig) -> bool:
 
 def pdl_supported(device: torch.device) -> bool:
     """Programmatic dependent launch needs a CUDA device of compute capability 9.0 or later."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return device.type == "cuda" and compute_major(device) >= 9
 
 
 def offsets_32(k_pages: torch.Tensor, v_pages: torch.Tensor) -> bool:
@@ -402,7 +413,7 @@ def gluon_plan(p: PackedProblem) -> GluonPlan | None:
     mode = gluon_mode()
     if mode == "0":
         return None
-    if not (p.q.is_cuda and torch.cuda.get_device_capability(p.q.device)[0] == 9
+    if not (p.q.is_cuda and compute_major(p.q.device) == 9
             and triton.__version__.startswith(GLUON_TRITON_VERSIONS) and gluon_problem_supported(p)):
         return None
     plan = gluon_launch_plan(p, num_sms(p.q.device))

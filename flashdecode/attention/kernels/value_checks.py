@@ -2,10 +2,11 @@
 `validation.validate_values`).
 
 The checks as PyTorch expressions are some 50-80 small operations on the device, each a few
-microseconds of host time: on an H200 (2026-11-29, `scripts/profile_host.py`) they made an eager
-call of B=1 L=4096 take 582 µs of host time against 320 without them, 1108 against 329 with a
-paged cache. Here one program reads the lengths, offsets and block-table rows once and counts
-the failures of every check; the caller reads the counts back with its one host sync.
+microseconds of host time: on an H200 (2026-11-29, `scripts/profile_host.py`, runs 91 and 93 in
+BENCHMARKS.md) an eager call of B=1 L=4096 took 528 µs of host time with them against 301
+without, 798 against 433 with a paged cache; in one kernel, 292 and 493. Here one program reads
+the lengths, offsets and block-table rows once and counts the failures of every check; the
+caller reads the counts back with its one host sync.
 """
 
 from __future__ import annotations

@@ -261,6 +261,7 @@ def main() -> int:
     from flashdecode.attention.kernels.append import append_kv_kernel
     from flashdecode.attention.kernels.combine import combine_splits_kernel
     from flashdecode.attention.kernels.merge_states import merge_states_kernel
+    from flashdecode.attention.kernels.value_checks import value_checks_kernel
     from flashdecode.models.kernels.gemv import gemv_kernel
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -286,6 +287,12 @@ def main() -> int:
     jobs["merge"] = lambda: _compile(merge_states_kernel, dict(OUT_A="*bf16", OUT_B="*bf16", OUT="*bf16", LSE_A="*fp32",
                                                                 LSE_B="*fp32", LSE="*fp32"),
                                      dict(HEAD_DIM=128, HEAD_DIM_P2=128, BLOCK_H=32))
+    check_ptrs = {n: "*i32" for n in ("FLAGS", "SEQLENS", "CU_Q", "CU_K", "LEFTPAD", "BATCH_IDX", "TABLE",
+                                      "ROTARY_SEQLENS")}
+    check_flags = ("HAS_LEFTPAD", "HAS_BATCH_IDX", "PAGED", "CHECK_CU_Q", "CHECK_CU_K", "CHECK_MAX_Q", "HAS_ROTARY",
+                   "ROTARY_ALL_QUERIES")
+    jobs["value-checks"] = lambda: _compile(value_checks_kernel, check_ptrs, dict(
+        dict.fromkeys(check_flags, True), NUM_FLAGS=16, BLOCK_B=128, BLOCK_W=32))
     gemv_ptrs = {n: "*bf16" for n in ("X", "RESIDUAL", "NORM_W", "W", "BIAS", "Y", "RESIDUAL_OUT")}
     for name, consts, warps in (
         ("gemv-add-norm-small", dict(PROLOGUE=2, BLOCK_N=4, BLOCK_K=1024, K_TILES=1), 4),

@@ -4,16 +4,20 @@
 The checks as PyTorch expressions are some 50-80 small operations on the device, each a few
 microseconds of host time: on an H200 (2026-11-29, `scripts/profile_host.py`, runs 91 and 93 in
 BENCHMARKS.md) an eager call of B=1 L=4096 took 528 µs of host time with them against 301
-without, 798 against 433 with a paged cache; in one kernel, 292 and 493. Here one program reads
-the lengths, offsets and block-table rows once and counts the failures of every check; the
-caller reads the counts back with its one host sync.
+without, 798 against 433 with a paged cache; in one kernel, 292 and 493. Here a program per
+128 sequences reads their lengths, offsets and the block-table columns in use once and adds the
+failures of every check to a counter; the caller reads the counters back with its one host sync.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 import triton
 import triton.language as tl
+
+if TYPE_CHECKING:  # torch loads in the launcher only, so that offline compile checks run without it
+    import torch
 
 # Index of each check's failure count in the kernel's output (validation.py names them).
 SEQLENS_NEGATIVE, PAST_CAPACITY, LEFTPAD, BATCH_IDX, TABLE, CU_Q, CU_K, MAX_SEQLEN_Q, ROTARY = range(9)
@@ -37,11 +41,18 @@ def value_checks_kernel(
     CHECK_CU_K: tl.constexpr, CHECK_MAX_Q: tl.constexpr, HAS_ROTARY: tl.constexpr,
     ROTARY_ALL_QUERIES: tl.constexpr, NUM_FLAGS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    """One program. Sequence b's keys end at ``cache_seqlens[b] + new_lens[b]`` (``new_lens`` from
-    ``CU_K``); a paged sequence uses its table row's first ``ceil(end / page_size)`` entries. Writes
-    ``NUM_FLAGS`` counts: entry i is how many items fail check i (the module's indices)."""
-    n_neg = 0
-    n_cap = 0
+    """Program i checks sequences ``[i * BLOCK_B, (i + 1) * BLOCK_B)`` and adds its failure counts
+    to ``FLAGS`` (zeroed by the caller): entry c counts the items that fail check c (the module's
+    indices). Sequence b's keys end at ``cache_seqlens[b] + new_lens[b]`` (``new_lens`` from
+    ``CU_K``); a paged sequence uses its table row's first ``ceil(end / page_size)`` entries."""
+    seq = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    ok = seq < batch
+    seqlen = tl.load(SEQLENS + seq, mask=ok, other=0).to(tl.int64)
+    new_len = (tl.load(CU_K + seq + 1, mask=ok, other=0) - tl.load(CU_K + seq, mask=ok, other=0)).to(tl.int64)
+    q_len = (tl.load(CU_Q + seq + 1, mask=ok, other=0) - tl.load(CU_Q + seq, mask=ok, other=0)).to(tl.int64)
+    end = seqlen + new_len
+    n_neg = _count(ok & (seqlen < 0))
+    n_cap = _count(ok & (end > capacity))
     n_pad = 0
     n_idx = 0
     n_tab = 0
@@ -49,51 +60,43 @@ def value_checks_kernel(
     n_cuk = 0
     n_maxq = 0
     n_rot = 0
-    for b0 in range(0, batch, BLOCK_B):
-        seq = b0 + tl.arange(0, BLOCK_B)
-        ok = seq < batch
-        seqlen = tl.load(SEQLENS + seq, mask=ok, other=0).to(tl.int64)
-        new_len = (tl.load(CU_K + seq + 1, mask=ok, other=0) - tl.load(CU_K + seq, mask=ok, other=0)).to(tl.int64)
-        q_len = (tl.load(CU_Q + seq + 1, mask=ok, other=0) - tl.load(CU_Q + seq, mask=ok, other=0)).to(tl.int64)
-        end = seqlen + new_len
-        n_neg += _count(ok & (seqlen < 0))
-        n_cap += _count(ok & (end > capacity))
-        if HAS_LEFTPAD:
-            pad = tl.load(LEFTPAD + seq, mask=ok, other=0).to(tl.int64)
-            n_pad += _count(ok & ((pad < 0) | (pad > seqlen)))
-        if HAS_BATCH_IDX:
-            row = tl.load(BATCH_IDX + seq, mask=ok, other=0)
-            n_idx += _count(ok & ((row < 0) | (row >= rows_available)))
-        if PAGED:
-            pages_used = (end + page_size - 1) // page_size
-            for w0 in range(0, table_width, BLOCK_W):
-                col = w0 + tl.arange(0, BLOCK_W)
-                used = ok[:, None] & (col[None, :] < pages_used[:, None]) & (col[None, :] < table_width)
-                page = tl.load(TABLE + seq.to(tl.int64)[:, None] * stride_table + col[None, :], mask=used, other=0)
-                n_tab += tl.sum(_count(used & ((page < 0) | (page >= num_pages))), axis=0)
-        if CHECK_CU_Q:
-            n_cuq += _count(ok & (q_len < 0))
-        if CHECK_CU_K:
-            n_cuk += _count(ok & (new_len < 0))
-        if CHECK_MAX_Q:
-            n_maxq += _count(ok & (q_len > max_seqlen_q))
-        if HAS_ROTARY:
-            rot = tl.load(ROTARY_SEQLENS + seq, mask=ok, other=0).to(tl.int64)
-            if ROTARY_ALL_QUERIES:
-                q_span = q_len
-            else:
-                q_span = tl.minimum(q_len, 1)
-            need = rot + tl.maximum(new_len, q_span)
-            n_rot += _count(ok & ((need > rotary_rows) | (rot < 0)))
+    if HAS_LEFTPAD:
+        pad = tl.load(LEFTPAD + seq, mask=ok, other=0).to(tl.int64)
+        n_pad = _count(ok & ((pad < 0) | (pad > seqlen)))
+    if HAS_BATCH_IDX:
+        row = tl.load(BATCH_IDX + seq, mask=ok, other=0)
+        n_idx = _count(ok & ((row < 0) | (row >= rows_available)))
+    if PAGED:
+        pages_used = tl.where(ok, (end + page_size - 1) // page_size, 0)
+        for w0 in range(0, tl.minimum(tl.max(pages_used, axis=0), table_width), BLOCK_W):  # the columns in use
+            col = w0 + tl.arange(0, BLOCK_W)
+            used = (col[None, :] < pages_used[:, None]) & (col[None, :] < table_width)
+            page = tl.load(TABLE + seq.to(tl.int64)[:, None] * stride_table + col[None, :], mask=used, other=0)
+            n_tab += tl.sum(_count(used & ((page < 0) | (page >= num_pages))), axis=0)
     if CHECK_CU_Q:
-        n_cuq += (tl.load(CU_Q) != 0).to(tl.int32) + (tl.load(CU_Q + batch) != total_q).to(tl.int32)
+        n_cuq = _count(ok & (q_len < 0))
     if CHECK_CU_K:
-        n_cuk += (tl.load(CU_K) != 0).to(tl.int32) + (tl.load(CU_K + batch) != total_new).to(tl.int32)
+        n_cuk = _count(ok & (new_len < 0))
+    if CHECK_MAX_Q:
+        n_maxq = _count(ok & (q_len > max_seqlen_q))
+    if HAS_ROTARY:
+        rot = tl.load(ROTARY_SEQLENS + seq, mask=ok, other=0).to(tl.int64)
+        if ROTARY_ALL_QUERIES:
+            q_span = q_len
+        else:
+            q_span = tl.minimum(q_len, 1)
+        need = rot + tl.maximum(new_len, q_span)
+        n_rot = _count(ok & ((need > rotary_rows) | (rot < 0)))
+    if tl.program_id(0) == 0:  # the offsets' ends, once
+        if CHECK_CU_Q:
+            n_cuq += (tl.load(CU_Q) != 0).to(tl.int32) + (tl.load(CU_Q + batch) != total_q).to(tl.int32)
+        if CHECK_CU_K:
+            n_cuk += (tl.load(CU_K) != 0).to(tl.int32) + (tl.load(CU_K + batch) != total_new).to(tl.int32)
     i = tl.arange(0, NUM_FLAGS)
     flags = tl.where(i == 0, n_neg, 0) + tl.where(i == 1, n_cap, 0) + tl.where(i == 2, n_pad, 0) \
         + tl.where(i == 3, n_idx, 0) + tl.where(i == 4, n_tab, 0) + tl.where(i == 5, n_cuq, 0) \
         + tl.where(i == 6, n_cuk, 0) + tl.where(i == 7, n_maxq, 0) + tl.where(i == 8, n_rot, 0)
-    tl.store(FLAGS + i, flags)
+    tl.atomic_add(FLAGS + i, flags, mask=flags != 0)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -126,10 +129,12 @@ def failure_counts(
     ``table`` the block-table rows the sequences use (None: a contiguous cache);
     ``rotary_seqlens`` the rotary start rows (None: no rotary check); ``max_seqlen_q`` the bound
     on each sequence's queries (None: no check)."""
+    import torch  # noqa: PLC0415
+
     batch = cache_seqlens.shape[0]
-    flags = torch.empty(_FLAGS, dtype=torch.int32, device=cache_seqlens.device)
+    flags = torch.zeros(_FLAGS, dtype=torch.int32, device=cache_seqlens.device)
     seqlens = _flat(cache_seqlens)
-    value_checks_kernel[(1,)](
+    value_checks_kernel[(max(1, triton.cdiv(batch, BLOCK_B)),)](
         flags, seqlens, _flat(cu_q), _flat(cu_k),
         seqlens if cache_leftpad is None else _flat(cache_leftpad),
         seqlens if cache_batch_idx is None else _flat(cache_batch_idx),

@@ -319,7 +319,8 @@ def validate_values(
     if check_max_q:
         checks.append((vc.MAX_SEQLEN_Q, "max_seqlen_q is smaller than a sequence of cu_seqlens_q"))
     if rotary_cos is not None:
-        checks.append((vc.ROTARY, f"rotary_cos/rotary_sin have {rotary_cos.shape[0]} rows, fewer than the positions needed"))
+        rows = rotary_cos.shape[0]
+        checks.append((vc.ROTARY, f"rotary_cos/rotary_sin have {rows} rows, fewer than the positions needed"))
 
     if on_device:
         counts = vc.failure_counts(
@@ -334,8 +335,9 @@ def validate_values(
         )
         failed = [counts[i] > 0 for i, _ in checks]
     else:
-        ok = _value_conditions({i for i, _ in checks}, k_cache, cache_seqlens, cu_q, cu_k, cache_batch_idx, cache_leftpad, packed_table,
-                               cu_seqlens_q, cu_seqlens_k_new, rotary_seqlens, rotary_all_queries,
+        ok = _value_conditions({i for i, _ in checks}, k_cache, cache_seqlens, cu_q, cu_k, cache_batch_idx,
+                               cache_leftpad, packed_table, cu_seqlens_q, cu_seqlens_k_new, rotary_seqlens,
+                               rotary_all_queries,
                                capacity=shape.capacity, rows_available=rows_available, total_q=q.shape[0],
                                total_new=total_new, max_seqlen_q=shape.seqlen_q,
                                rotary_rows=0 if rotary_cos is None else rotary_cos.shape[0])

@@ -4,9 +4,10 @@
 The checks as PyTorch expressions are some 50-80 small operations on the device, each a few
 microseconds of host time: on an H200 (2026-11-29, `scripts/profile_host.py`, runs 91 and 93 in
 BENCHMARKS.md) an eager call of B=1 L=4096 took 528 µs of host time with them against 301
-without, 798 against 433 with a paged cache; in one kernel, 292 and 493. Here a program per
-128 sequences reads their lengths, offsets and the block-table columns in use once and adds the
-failures of every check to a counter; the caller reads the counters back with its one host sync.
+without, 798 against 433 with a paged cache; in one kernel (a single program, run 93), 292 and
+493. Here a program per 128 sequences reads their lengths, offsets and the block-table columns
+in use once and adds the failures of every check to a counter; the caller reads the counters
+back with its one host sync.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def value_checks_kernel(
         row = tl.load(BATCH_IDX + seq, mask=ok, other=0)
         n_idx = _count(ok & ((row < 0) | (row >= rows_available)))
     if PAGED:
-        pages_used = tl.where(ok, (end + page_size - 1) // page_size, 0)
+        pages_used = (end + page_size - 1) // page_size  # 0 past the batch (lengths loaded as 0)
         for w0 in range(0, tl.minimum(tl.max(pages_used, axis=0), table_width), BLOCK_W):  # the columns in use
             col = w0 + tl.arange(0, BLOCK_W)
             used = (col[None, :] < pages_used[:, None]) & (col[None, :] < table_width)

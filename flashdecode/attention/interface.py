@@ -22,6 +22,7 @@ from flashdecode.attention.problem import PackedProblem
 from flashdecode.attention.ramps import offsets, ramp
 from flashdecode.attention.reference import reference_forward
 from flashdecode.attention.validation import CallShape, validate_call, validate_values, value_checks_enabled
+from flashdecode.cuda_device import launch_on
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -208,8 +209,9 @@ def _fwd_kvcache_op(
             softmax_scale, causal, (window_left, window_right), softcap, rotary_interleaved, alibi_slopes, num_splits,
             False, cu_seqlens_q, None if max_seqlen_q < 0 else max_seqlen_q, cu_seqlens_k_new, rotary_seqlens)
     shape = validate_call(*args)
-    problem = pack_problem(shape, *args[:18], *args[19:], check_values=False)
-    return _run(problem, backend)
+    with launch_on(q.device):
+        problem = pack_problem(shape, *args[:18], *args[19:], check_values=False)
+        return _run(problem, backend)
 
 
 @_fwd_kvcache_op.register_fake
@@ -292,9 +294,11 @@ def flash_attn_with_kvcache(
         # Eager calls skip the dispatcher round trip: it costs microseconds a decode step cannot spare.
         if not isinstance(check_values, bool):
             raise TypeError(f"check_values must be a bool, got {type(check_values).__name__}")
-        problem = pack_problem(shape, *args[:18], *args[19:], check_values=check_values and value_checks_enabled(q),
-                               checks_on_device=backend == "triton")
-        out, lse = _run(problem, backend)
+        with launch_on(q.device):  # the value checks and the kernels launch on q's GPU
+            problem = pack_problem(shape, *args[:18], *args[19:],
+                                   check_values=check_values and value_checks_enabled(q),
+                                   checks_on_device=backend == "triton")
+            out, lse = _run(problem, backend)
 
     if not shape.varlen_q:
         out = out.view(shape.batch, shape.seqlen_q, shape.num_heads, shape.head_dim)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from flashdecode.cuda_device import launch_on
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -113,5 +115,6 @@ def merge_attention_states(
     """
     _check(out_a, lse_a, out_b, lse_b)
     if _use_triton(out_a.device):
-        return _merge_triton(out_a, lse_a, out_b, lse_b)
+        with launch_on(out_a.device):
+            return _merge_triton(out_a, lse_a, out_b, lse_b)
     return _merge_torch(out_a, lse_a, out_b, lse_b)

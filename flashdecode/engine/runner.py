@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from flashdecode.cache import OutOfBlocksError, PagedKVPool
+from flashdecode.cuda_device import launch_on
 from flashdecode.engine.graphs import DecodeGraphs
 from flashdecode.engine.sampling import SamplingBatch, sample
 from flashdecode.engine.sequence import Sequence
@@ -131,6 +132,10 @@ class ModelRunner:
     @torch.inference_mode()
     def logits(self, seqs: list[Sequence], num_new: list[int], sampled: list[bool]) -> torch.Tensor:
         """Run the step's forward pass (appending keys/values); logits ``(sum(sampled), vocab)``."""
+        with launch_on(self.device):
+            return self._logits(seqs, num_new, sampled)
+
+    def _logits(self, seqs: list[Sequence], num_new: list[int], sampled: list[bool]) -> torch.Tensor:
         for s, n in zip(seqs, num_new):
             s.blocks.ensure_capacity(s.num_cached + n)
         if self._uses_graph(seqs, num_new, sampled):
@@ -147,7 +152,11 @@ class ModelRunner:
             num_new = [len(s.token_ids) - s.num_cached for s in seqs]
         sampled = [s.num_cached + n == len(s.token_ids) for s, n in zip(seqs, num_new)]
         graph_decode = self._uses_graph(seqs, num_new, sampled)
-        logits = self.logits(seqs, num_new, sampled)
+        with launch_on(self.device):  # kernels, streams, events and graphs act on the current device
+            return self._launch(seqs, num_new, sampled, graph_decode)
+
+    def _launch(self, seqs: list[Sequence], num_new: list[int], sampled: list[bool], graph_decode: bool) -> PendingStep:
+        logits = self._logits(seqs, num_new, sampled)
         tokens, ready = None, None
         if any(sampled):
             next_ids = self._sample(seqs, logits, sampled)
@@ -186,10 +195,11 @@ class ModelRunner:
         table = block_table_array(seqs, self.max_pages_per_seq)
         if not self.graphs.is_captured(len(seqs), table.shape[1]):
             return None
-        logits = self.graphs.run(None, [s.num_cached + 1 for s in seqs], table)
-        next_ids = self._sample(seqs, logits, prev.sampled)
-        self.graphs.feed(next_ids)
-        tokens, ready = _to_host(next_ids)
+        with launch_on(self.device):
+            logits = self.graphs.run(None, [s.num_cached + 1 for s in seqs], table)
+            next_ids = self._sample(seqs, logits, prev.sampled)
+            self.graphs.feed(next_ids)
+            tokens, ready = _to_host(next_ids)
         return PendingStep(seqs, [1] * len(seqs), list(prev.sampled), tokens, ready, True, ahead=True)
 
     def resolve(self, pending: PendingStep) -> list[int | None]:

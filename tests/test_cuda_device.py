@@ -3,7 +3,7 @@
 Triton kernels, streams, events and graphs act on the current CUDA device; the op, the merge and
 the engine must launch on their tensors' device instead (`flashdecode.cuda_device`). These tests
 put everything on ``cuda:1`` while ``cuda:0`` is current, so they need two GPUs and are skipped
-on machines with fewer.
+on machines with fewer. A device index past the last GPU is a clear error (any GPU machine).
 """
 
 from __future__ import annotations
@@ -16,10 +16,8 @@ import torch
 from conftest import make_generator, randn, set_backend
 from test_contract import Case, run_case
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices"),
-]
+pytestmark = pytest.mark.gpu
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 
 OTHER = "cuda:1"
 
@@ -35,6 +33,7 @@ CASES = [
 ]
 
 
+@two_gpus
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_op_on_a_gpu_that_is_not_current(case, monkeypatch):
     set_backend(monkeypatch, "triton")
@@ -43,6 +42,7 @@ def test_op_on_a_gpu_that_is_not_current(case, monkeypatch):
         assert torch.cuda.current_device() == 0
 
 
+@two_gpus
 def test_merge_on_a_gpu_that_is_not_current():
     from flashdecode import merge_attention_states
 
@@ -66,6 +66,7 @@ def test_merge_on_a_gpu_that_is_not_current():
     assert math.isfinite(err)
 
 
+@two_gpus
 def test_engine_on_a_gpu_that_is_not_current(tmp_path):
     from flashdecode.engine import LLM, SamplingParams
     from test_models_safetensors import make_tiny_model_dir
@@ -82,3 +83,16 @@ def test_engine_on_a_gpu_that_is_not_current(tmp_path):
         assert torch.cuda.current_device() == 0
     assert got == want
     assert streamed == llm.tokenizer.decode(want[0], skip_special_tokens=True)
+
+
+def test_a_device_index_past_the_last_gpu_is_a_clear_error(tmp_path):
+    from flashdecode.bench.runner import resolve_device as bench_device
+    from flashdecode.engine import LLM
+    from test_models_safetensors import make_tiny_model_dir
+
+    make_tiny_model_dir(str(tmp_path), "llama", seed=6)
+    missing = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(ValueError, match="does not exist"):
+        LLM(str(tmp_path), device=missing)
+    with pytest.raises(RuntimeError, match="CUDA device"):
+        bench_device(missing)

@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from flashdecode.bench.peers import peer_names  # noqa: PLC0415
     from flashdecode.bench.runner import finish, plan_shapes, resolve_device, run  # noqa: PLC0415
+    from flashdecode.cuda_device import launch_on  # noqa: PLC0415
 
     opts = _options(args)
     unknown = [n for n in opts.peers if n not in peer_names()]
@@ -154,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{s.name:<40} {what}{'  (quick)' if s.quick else ''}")
         print("implementations:", ", ".join(peer_names()))
         return 0
-    results = run(opts)
+    with launch_on(device):  # timers, graphs and kernels of every peer on the benchmark's GPU
+        results = run(opts)
     finish(results, opts)
     wrong = wrong_rows(results)
     if wrong:

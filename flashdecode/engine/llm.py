@@ -46,6 +46,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise ValueError("device 'cuda' requested but CUDA is not available")
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r} is not supported (cpu or cuda)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 

@@ -22,6 +22,7 @@ from flashdecode.bench.e2e.report import derive, fmt, format_report, write_repor
 from flashdecode.bench.e2e.roofline import batch1_bytes_per_step, num_parameters
 from flashdecode.bench.e2e.runners import fd_batch1, fd_throughput, hf_batch1, hf_throughput, timed
 from flashdecode.bench.e2e.workloads import throughput_requests
+from flashdecode.cuda_device import launch_on
 
 
 def base_row(model: str, workload: str, impl: str) -> dict[str, Any]:
@@ -281,7 +282,8 @@ def main(opts: E2EOptions, log: Callable[[str], None] = print) -> int:
 
         previous = signal.signal(signal.SIGTERM, _term)
     try:
-        results = run(opts, log=log)
+        with launch_on(device):  # streams, events and graphs of every implementation on that GPU
+            results = run(opts, log=log)
     finally:
         if previous is not None:
             with contextlib.suppress(Exception):

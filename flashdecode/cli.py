@@ -22,7 +22,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", "-m", default=None,
                    help="GGUF file or Hugging Face directory (default: the embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     g.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")
     g.add_argument("--eager", action="store_true", help="run every decode step eagerly (no CUDA graphs)")
     s = p.add_argument_group("sampling")

@@ -8,8 +8,6 @@ on machines with fewer. A device index past the last GPU is a clear error (any G
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -62,8 +60,7 @@ def test_merge_on_a_gpu_that_is_not_current():
     want = wa * out_a.double().cpu() + wb * out_b.double().cpu()
     torch.testing.assert_close(lse.double().cpu(), want_lse, rtol=0, atol=1e-5)
     err = (out.double().cpu() - want).abs().max().item()
-    assert err <= 2 * 2.0**-8 * want.abs().max().item(), f"merged output off by {err}"
-    assert math.isfinite(err)
+    assert err <= 2 * 2.0**-8 * want.abs().max().item(), f"merged output off by {err}"  # NaN fails too
 
 
 @two_gpus
